@@ -1,0 +1,3 @@
+from animfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""The ``animfs`` command: arguments, logging and progress; the work is in the modules below.
+
+Every failure the user can act on ends as one line on stderr, ``animfs: ...``,
+and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from animfs import config as config_mod
+from animfs.config import Config, ConfigError
+
+log = logging.getLogger("animfs")
+
+
+class Failure(Exception):
+    """A command failed in a way the user can act on; the message is the one line shown."""
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent elsewhere (logs stay readable)."""
+
+    def __init__(self, what: str, total: int | None = None, stream: Any = sys.stderr) -> None:
+        self.what, self.total, self.stream = what, total, stream
+        self.done = 0
+        self.active = stream.isatty()
+        self._last = 0.0
+
+    def step(self, label: str = "") -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.active and now - self._last > 0.1:
+            self._last = now
+            total = f"/{self.total}" if self.total else ""
+            self.stream.write(f"\r\x1b[K{self.what} {self.done}{total} {label[-60:]}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return config_mod.load(args.config)
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = config_mod.write_default(Path(args.dir))
+    config = config_mod.load(path)
+    for site in config.sites:
+        if site.scheme == "file":
+            Path(site.url[len("file://") :]).mkdir(parents=True, exist_ok=True)
+    print(f"wrote {path}")
+    print(f"use it with: export ANIMFS_CONFIG={path}")
+    return 0
+
+
+def _open_archive(config: Config) -> tuple[Any, Any]:
+    from animfs.index import Index
+    from animfs.store import open_site
+    from animfs.store.dual import DualStore
+
+    index = Index(config.index_path, map_size=config.index_map_size)
+    store = DualStore(
+        [open_site(s) for s in config.sites],
+        preferred=config.preferred,
+        min_sites=config.min_sites,
+        on_bad_copy=lambda entry: index.journal_add([entry]),
+    )
+    return index, store
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from animfs.ingest import Ingester, walk
+
+    config = _load(args)
+    paths = [Path(p) for p in args.paths]
+    for path in paths:
+        if not path.exists():
+            raise Failure(f"{path}: no such file or folder")
+    total = sum(1 for _ in walk(paths))
+    index, store = _open_archive(config)
+    progress = Progress("ingest", total)
+    ingester = Ingester(config, index, store, institution=args.institution)
+
+    def report(path: Path, outcome: str, reason: str) -> None:
+        if outcome == "refused":
+            progress.close()
+            print(f"animfs: refused {path}: {reason}", file=sys.stderr)
+        progress.step(path.name)
+
+    try:
+        summary = ingester.run(paths, report)
+    finally:
+        progress.close()
+        ingester.close()
+        store.close()
+        index.close()
+    print(summary.line())
+    return 1 if summary.refused else 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from animfs import mount
+
+    config = _load(args)
+    mountpoint = Path(args.mountpoint).absolute()
+    try:
+        if args.foreground:
+            mount.run(config, mountpoint)
+        else:
+            mount.check_mountpoint(mountpoint)
+            mount.spawn(config, mountpoint)
+            print(f"mounted at {mountpoint}; unmount with: animfs umount {mountpoint}")
+    except mount.MountError as exc:
+        raise Failure(str(exc)) from None
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from animfs import mount
+
+    try:
+        mount.unmount(Path(args.mountpoint))
+    except mount.MountError as exc:
+        raise Failure(str(exc)) from None
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    index, store = _open_archive(config)
+    try:
+        sites = {}
+        for site in store.sites:
+            try:
+                objects, size = site.usage()
+                sites[site.name] = {"state": "up", "objects": objects, "bytes": size}
+            except Exception as exc:  # any failure of a site is a state to report
+                sites[site.name] = {"state": "down", "last_error": str(exc)}
+        status = {"config": str(config.path), "index": index.counts(), "sites": sites}
+    finally:
+        store.close()
+        index.close()
+    print(json.dumps(status, indent=2))
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="animfs", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="config file (else $ANIMFS_CONFIG, else ./animfs.toml)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> Any:
+        cmd = sub.add_parser(name, help=help, description=help)
+        cmd.set_defaults(fn=fn)
+        return cmd
+
+    c = add("init", cmd_init, "write DIR/animfs.toml with two local sites under DIR")
+    c.add_argument("dir")
+    c = add("ingest", cmd_ingest, "archive DICOM files and folders (recursively)")
+    c.add_argument("--institution", help="producing institution (else InstitutionName)")
+    c.add_argument("paths", nargs="+")
+    c = add("mount", cmd_mount, "mount the archive read-only")
+    c.add_argument("--foreground", "-f", action="store_true", help="serve in this process")
+    c.add_argument("mountpoint")
+    c = add("umount", cmd_umount, "unmount a mounted archive")
+    c.add_argument("mountpoint")
+    add("status", cmd_status, "sites, index and repair state as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        result: int = args.fn(args)
+        return result
+    except (Failure, ConfigError) as exc:
+        print(f"animfs: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("animfs: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,271 @@
+"""The pyfuse3 Operations: thin handlers over the index and the chunk cache.
+
+This is the only module that raises ``FUSEError``: domain errors from below are
+turned into an errno here, and logged once, here.  Names stay ``bytes``.
+
+The tree is immutable once written, except that folders gain entries while
+ingest runs elsewhere, so: files and symlinks get long kernel entry and
+attribute time-outs, folders a long entry time-out (a name never changes) but
+a short attribute one (their mtime and link count grow); opened files keep
+the page cache between opens.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from animfs.cache import READ_AHEAD, ChunkCache, ChunkUnavailable
+from animfs.chunks import CHUNK_SIZE, ChunkRef
+from animfs.index import DIR, FILE, ROOT_INO, Index, Node
+
+log = logging.getLogger(__name__)
+
+IMMUTABLE_TIMEOUT = 24 * 3600.0
+FOLDER_ATTR_TIMEOUT = 1.0
+BLOCK = 512
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Answer an unexpected exception with EIO (logged once) instead of killing the mount."""
+
+    @functools.wraps(fn)
+    async def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapped
+
+
+@dataclass
+class OpenFile:
+    node: Node
+    chunks: tuple[ChunkRef, ...]
+    next_offset: int = 0  # where a sequential reader reads next
+
+
+@dataclass
+class OpenDir:
+    ino: int
+    resume_id: int = 0  # readdir offset of the last entry sent ...
+    resume_name: bytes = b""  # ... and its name, so a listing resumes in one seek
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, index: Index, cache: ChunkCache) -> None:
+        super().__init__()
+        self.index = index
+        self.cache = cache
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, OpenDir] = {}
+        self._next_fh = 1
+
+    # -- attributes ------------------------------------------------------------------
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.ino
+        attr.generation = 0
+        if node.kind == DIR:
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2 + node.subdirs
+            attr.st_size = 0
+            attr.entry_timeout = IMMUTABLE_TIMEOUT
+            attr.attr_timeout = FOLDER_ATTR_TIMEOUT
+        else:
+            attr.st_mode = (stat.S_IFREG | 0o444) if node.kind == FILE else (stat.S_IFLNK | 0o777)
+            attr.st_nlink = 1
+            attr.st_size = node.size
+            attr.entry_timeout = IMMUTABLE_TIMEOUT
+            attr.attr_timeout = IMMUTABLE_TIMEOUT
+        attr.st_uid = 0
+        attr.st_gid = 0
+        attr.st_rdev = 0
+        attr.st_blksize = CHUNK_SIZE
+        attr.st_blocks = (attr.st_size + BLOCK - 1) // BLOCK
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
+        return attr
+
+    def _node(self, ino: int) -> Node:
+        node = self.index.node(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    @handler
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self.attributes(self._node(parent_inode))
+        if name == b"..":
+            return self.attributes(self._node(self._node(parent_inode).parent))
+        node = self.index.lookup(parent_inode, name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self.attributes(node)
+
+    @handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.attributes(self._node(inode))
+
+    @handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if node.kind == DIR or node.kind == FILE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
+
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        root = self._node(ROOT_INO)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = BLOCK
+        out.f_blocks = (root.bytes_below + BLOCK - 1) // BLOCK
+        out.f_bfree = out.f_bavail = 0
+        out.f_files = root.files + root.subdirs
+        out.f_ffree = out.f_favail = 0
+        out.f_namemax = 255
+        return out
+
+    # -- folders ---------------------------------------------------------------------
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    @handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._new_fh()
+        self._dirs[fh] = OpenDir(inode)
+        return fh
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self._dirs[fh]
+        if start_id == 0:
+            after = None
+        elif start_id == d.resume_id:
+            after = d.resume_name
+        else:  # an offset we did not hand out last: count our way there
+            after = self._name_at(d.ino, start_id)
+        position = start_id
+        while True:
+            batch = self.index.entries(d.ino, after, 256)
+            if not batch:
+                return
+            for node in batch:
+                if not pyfuse3.readdir_reply(token, node.name, self.attributes(node), position + 1):
+                    return
+                position += 1
+                d.resume_id, d.resume_name = position, node.name
+                after = node.name
+
+    def _name_at(self, ino: int, position: int) -> bytes | None:
+        """The name of the ``position``-th entry (1-based) of a folder."""
+        after: bytes | None = None
+        seen = 0
+        while seen < position:
+            batch = self.index.entries(ino, after, min(4096, position - seen))
+            if not batch:
+                break
+            seen += len(batch)
+            after = batch[-1].name
+        return after
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files -----------------------------------------------------------------------
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self._node(inode)
+        if node.kind == DIR:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if node.kind != FILE:
+            raise pyfuse3.FUSEError(errno.ELOOP)
+        manifest = self.index.manifest(node.instance)
+        if manifest is None:
+            log.error("inode %d: instance record missing from the index", inode)
+            raise pyfuse3.FUSEError(errno.EIO)
+        fh = self._new_fh()
+        self._files[fh] = OpenFile(node, manifest.chunks)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self._files[fh]
+        end = min(off + size, f.node.size)
+        if off >= end:
+            return b""
+        first, last = off // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        if off == f.next_offset or off == 0:
+            self.cache.prefetch(f.chunks[last + 1 : last + 1 + READ_AHEAD])
+        f.next_offset = end
+        parts = []
+        try:
+            for i in range(first, last + 1):
+                data = await self.cache.get(f.chunks[i])
+                start = off - i * CHUNK_SIZE if i == first else 0
+                stop = end - i * CHUNK_SIZE if i == last else len(data)
+                parts.append(data[start:stop] if (start, stop) != (0, len(data)) else data)
+        except ChunkUnavailable as exc:
+            log.error("read of inode %d at %d failed: %s", f.node.ino, off, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+
+    # -- everything that would write -------------------------------------------------
+
+    async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    create = write = setxattr = removexattr = _read_only
+
+    @handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self._node(inode)
+        return True
+
+    @handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._node(inode)
+        return []
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._node(inode)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -1,0 +1,538 @@
+"""The LMDB index: every name, size and listing the mount serves, without touching storage.
+
+Schema (one LMDB environment, named sub-databases; integers big-endian in keys
+so that keys sort numerically, little-endian in values):
+
+``nodes``      inode (u64 BE) -> node record, see :func:`_encode_node`:
+               kind u8 | parent u64 | mtime_ns i64 | size u64 | name_len u16 | name
+               then by kind:
+                 dir:  subdirs u64 | files below u64 | bytes below u64
+                 file: instance key (32 bytes)
+                 link: target (the rest)
+``dirents``    parent inode (u64 BE) + name bytes -> child inode (u64 BE).
+               Sorted by name within a folder: a listing is one cursor walk.
+``ids``        identity -> inode (u64 BE).  Identities:
+                 b"P\\0" issuer "-" PatientID   patient folder
+                 b"S\\0" StudyInstanceUID        study folder
+                 b"R\\0" SeriesInstanceUID       series folder
+                 b"I\\0" SOPInstanceUID          instance file
+                 b"L\\0" StudyInstanceUID        symlink under /studies
+``instances``  instance key (sha256 of SOPInstanceUID, 32 bytes) -> manifest JSON,
+               byte-identical to ``manifests/<key hex>`` at the sites.
+``chunks``     chunk id (32 raw bytes) -> stored size u64 | references u64.
+``journal``    site name + b"\\0" + object key -> JSON {"reason", "time"}: the
+               repair journal, one entry per object a site lacks a good copy of.
+``meta``       b"format" -> b"1".
+
+Inodes 1..65535 are reserved for the fixed and virtual entries (:data:`ROOT_INO`
+and friends).  Every other inode is derived from a hash of the identity, so
+it is the same on every host and after a rebuild, and it is recorded in the
+manifest; a (rare) hash collision is resolved by re-hashing with a counter.
+
+Concurrency: a transaction opens and closes inside one synchronous method and
+never spans an ``await``.  Ingest plans a placement in a read transaction,
+writes the manifest to the sites, then commits in a write transaction that
+re-checks the plan (:class:`StalePlan` if another process got there first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from animfs.dicom import safe_name, unique_name
+from animfs.manifest import Manifest, Placement
+from animfs.store.dual import Missed
+
+DIR, FILE, LINK = 1, 2, 3
+
+ROOT_INO = 1
+PATIENTS_INO = 2
+STUDIES_INO = 3
+FIXED_DIRS = {
+    ROOT_INO: (ROOT_INO, b""),
+    PATIENTS_INO: (ROOT_INO, b"patients"),
+    STUDIES_INO: (ROOT_INO, b"studies"),
+}
+FIRST_DYNAMIC_INO = 1 << 16
+
+_HEAD = struct.Struct("<BQqQH")
+_DIR_TAIL = struct.Struct("<QQQ")
+_U64 = struct.Struct(">Q")
+_CHUNK = struct.Struct("<QQ")
+_DBS = ("nodes", "dirents", "ids", "instances", "chunks", "journal", "meta")
+
+
+class IndexError_(Exception):
+    """The index cannot do what was asked; the message says why."""
+
+
+class IndexFull(IndexError_):
+    """The index's disk or map is full; nothing was changed."""
+
+
+class StalePlan(Exception):
+    """The placement planned for an instance was taken meanwhile; plan again."""
+
+
+class Conflict(IndexError_):
+    """The instance contradicts what the archive holds (message says how)."""
+
+
+@dataclass(frozen=True)
+class Node:
+    ino: int
+    kind: int
+    parent: int
+    name: bytes
+    mtime_ns: int
+    size: int
+    subdirs: int = 0  # dirs: sub-folders
+    files: int = 0  # dirs: files anywhere below
+    bytes_below: int = 0  # dirs: bytes of those files
+    instance: bytes = b""  # files: instance key
+    target: bytes = b""  # links
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == DIR
+
+
+def _encode_node(n: Node) -> bytes:
+    head = _HEAD.pack(n.kind, n.parent, n.mtime_ns, n.size, len(n.name)) + n.name
+    if n.kind == DIR:
+        return head + _DIR_TAIL.pack(n.subdirs, n.files, n.bytes_below)
+    if n.kind == FILE:
+        return head + n.instance
+    return head + n.target
+
+
+def _decode_node(ino: int, data: bytes | memoryview | None) -> Node:
+    assert data is not None, f"inode {ino}: node record missing"
+    kind, parent, mtime_ns, size, name_len = _HEAD.unpack_from(data)
+    start = _HEAD.size
+    name = bytes(data[start : start + name_len])
+    tail = bytes(data[start + name_len :])
+    if kind == DIR:
+        subdirs, files, nbytes = _DIR_TAIL.unpack(tail)
+        return Node(ino, kind, parent, name, mtime_ns, size, subdirs, files, nbytes)
+    if kind == FILE:
+        return Node(ino, kind, parent, name, mtime_ns, size, instance=tail)
+    return Node(ino, kind, parent, name, mtime_ns, size, target=tail)
+
+
+def _ino_key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def _dirent_key(parent: int, name: bytes) -> bytes:
+    return _U64.pack(parent) + name
+
+
+def hashed_ino(identity: bytes, attempt: int = 0) -> int:
+    """The inode an identity gets, unless taken: 63 bits, never a reserved one."""
+    while True:
+        digest = hashlib.sha256(identity + b"\0" + str(attempt).encode()).digest()
+        ino = int.from_bytes(digest[:8], "big") >> 1
+        if ino >= FIRST_DYNAMIC_INO:
+            return ino
+        attempt += 1
+
+
+class Index:
+    def __init__(self, path: Path, *, map_size: int = 64 << 30) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.env = lmdb.open(
+                str(path), map_size=map_size, max_dbs=len(_DBS) + 4, max_readers=1024
+            )
+        except lmdb.Error as exc:
+            raise IndexError_(f"{path}: cannot open the index: {exc}") from exc
+        self.path = path
+        with self.env.begin(write=True) as txn:
+            self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in _DBS}
+        self._ensure_roots()
+
+    def close(self) -> None:
+        self.env.close()
+
+    def _ensure_roots(self) -> None:
+        with self.env.begin() as txn:
+            if txn.get(_ino_key(STUDIES_INO), db=self._db["nodes"]) is not None:
+                return
+        with self._write() as txn:
+            now = time.time_ns()
+            for ino, (parent, name) in FIXED_DIRS.items():
+                node = Node(ino, DIR, parent, name, now, 0)
+                txn.put(_ino_key(ino), _encode_node(node), db=self._db["nodes"])
+                if ino != ROOT_INO:
+                    txn.put(_dirent_key(parent, name), _ino_key(ino), db=self._db["dirents"])
+            root = Node(ROOT_INO, DIR, ROOT_INO, b"", now, 0, subdirs=2)
+            txn.put(_ino_key(ROOT_INO), _encode_node(root), db=self._db["nodes"])
+            txn.put(b"format", b"1", db=self._db["meta"])
+
+    class _WriteTxn:
+        """A write transaction whose LMDB errors become IndexFull / IndexError_."""
+
+        def __init__(self, index: Index) -> None:
+            self.index = index
+
+        def __enter__(self) -> lmdb.Transaction:
+            self.txn = self.index.env.begin(write=True)
+            return self.txn
+
+        def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+            if exc_type is not None:
+                self.txn.abort()
+                if isinstance(exc, lmdb.MapFullError):
+                    raise IndexFull(
+                        f"{self.index.path}: the index map is full; raise [index] map_size"
+                    ) from exc
+                if isinstance(exc, lmdb.Error):
+                    raise IndexError_(f"{self.index.path}: index write failed: {exc}") from exc
+                return
+            try:
+                self.txn.commit()
+            except lmdb.Error as exc:
+                full = "No space left" in str(exc) or isinstance(exc, lmdb.MapFullError)
+                kind = IndexFull if full else IndexError_
+                raise kind(f"{self.index.path}: index write failed: {exc}") from exc
+
+    def _write(self) -> Index._WriteTxn:
+        return Index._WriteTxn(self)
+
+    # -- reads: each opens and closes its own transaction --------------------------------
+
+    def node(self, ino: int) -> Node | None:
+        with self.env.begin() as txn:
+            data = txn.get(_ino_key(ino), db=self._db["nodes"])
+            return None if data is None else _decode_node(ino, data)
+
+    def lookup(self, parent: int, name: bytes) -> Node | None:
+        with self.env.begin() as txn:
+            child = txn.get(_dirent_key(parent, name), db=self._db["dirents"])
+            if child is None:
+                return None
+            ino = _U64.unpack(child)[0]
+            data = txn.get(child, db=self._db["nodes"])
+            return None if data is None else _decode_node(ino, data)
+
+    def entries(self, parent: int, after: bytes | None, limit: int) -> list[Node]:
+        """Up to ``limit`` children of ``parent`` in name order, starting after ``after``."""
+        prefix = _U64.pack(parent)
+        out: list[Node] = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._db["dirents"])
+            start = prefix + (after or b"")
+            if not cursor.set_range(start):
+                return out
+            nodes = self._db["nodes"]
+            for key, child in cursor:
+                if not key.startswith(prefix):
+                    break
+                if after is not None and key == start:
+                    continue
+                data = txn.get(child, db=nodes)
+                if data is not None:
+                    out.append(_decode_node(_U64.unpack(child)[0], data))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def manifest(self, key: bytes) -> Manifest | None:
+        with self.env.begin() as txn:
+            data = txn.get(key, db=self._db["instances"])
+        return None if data is None else Manifest.from_bytes(data)
+
+    def manifest_bytes(self, key: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(key, db=self._db["instances"])
+
+    def find_ino(self, identity: bytes) -> int | None:
+        with self.env.begin() as txn:
+            value = txn.get(identity, db=self._db["ids"])
+        return None if value is None else int(_U64.unpack(value)[0])
+
+    def path_of(self, ino: int) -> str:
+        """The path of a node inside the mount, from its parents."""
+        parts = []
+        with self.env.begin() as txn:
+            while ino != ROOT_INO:
+                data = txn.get(_ino_key(ino), db=self._db["nodes"])
+                if data is None:
+                    break
+                node = _decode_node(ino, data)
+                parts.append(node.name.decode("utf-8", "surrogateescape"))
+                ino = node.parent
+        return "/" + "/".join(reversed(parts))
+
+    def has_chunk(self, chunk_id: str) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(bytes.fromhex(chunk_id), db=self._db["chunks"]) is not None
+
+    def manifests(self) -> Iterator[bytes]:
+        """Every manifest, in no particular order (a fresh transaction per batch)."""
+        after = b""
+        while True:
+            batch: list[tuple[bytes, bytes]] = []
+            with self.env.begin() as txn:
+                cursor = txn.cursor(db=self._db["instances"])
+                if not cursor.set_range(after):
+                    return
+                for key, value in cursor:
+                    if key == after:
+                        continue
+                    batch.append((key, value))
+                    if len(batch) >= 512:
+                        break
+            if not batch:
+                return
+            for _key, value in batch:
+                yield value
+            after = batch[-1][0]
+
+    def chunk_ids(self) -> set[str]:
+        with self.env.begin() as txn:
+            return {key.hex() for key, _ in txn.cursor(db=self._db["chunks"])}
+
+    def counts(self) -> dict[str, int]:
+        root = self.node(ROOT_INO)
+        patients = self.node(PATIENTS_INO)
+        assert root is not None and patients is not None
+        with self.env.begin() as txn:
+            stat = {name: txn.stat(self._db[name])["entries"] for name in ("chunks", "journal")}
+            chunk_bytes = (
+                sum(_CHUNK.unpack(v)[0] for _, v in txn.cursor(db=self._db["chunks"]))
+                if stat["chunks"] < 1_000_000
+                else -1
+            )
+        info = self.env.info()
+        return {
+            "instances": root.files,
+            "bytes": root.bytes_below,
+            "patients": patients.subdirs,
+            "chunks": stat["chunks"],
+            "stored_bytes": chunk_bytes,
+            "pending_repairs": stat["journal"],
+            "index_bytes": info["last_pgno"] * self.env.stat()["psize"],
+        }
+
+    # -- the repair journal ---------------------------------------------------------
+
+    def journal_add(self, entries: Iterable[Missed]) -> None:
+        with self._write() as txn:
+            _journal_put(txn, self._db["journal"], entries)
+
+    def journal(self, limit: int = 1 << 62) -> list[Missed]:
+        out = []
+        with self.env.begin() as txn:
+            for key, value in txn.cursor(db=self._db["journal"]):
+                site, _, obj = key.partition(b"\0")
+                out.append(Missed(site.decode(), obj.decode(), json.loads(value)["reason"]))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def journal_remove(self, site: str, key: str) -> None:
+        with self._write() as txn:
+            txn.delete(site.encode() + b"\0" + key.encode(), db=self._db["journal"])
+
+    # -- ingest ---------------------------------------------------------------------
+
+    def plan(self, manifest: Manifest) -> Placement:
+        """Names and inodes for a new instance, as the index stands now.
+
+        Existing folders are reused; new ones get a hashed inode and a name made
+        unique in their folder.  Raises :class:`Conflict` when the study or
+        series already sits under another patient or study.
+        """
+        inst = manifest.instance
+        preferred = inst.folder_names()
+        taken: set[int] = set()
+        with self.env.begin() as txn:
+
+            def place(identity: bytes, parent: int, name: str, uid: str) -> tuple[int, str, bool]:
+                found = txn.get(identity, db=self._db["ids"])
+                if found is not None:
+                    node = _decode_node(_U64.unpack(found)[0], txn.get(found, db=self._db["nodes"]))
+                    if node.parent != parent:
+                        raise Conflict(_conflict_message(identity))
+                    return node.ino, node.name.decode(), False
+                attempt = 0
+                ino = hashed_ino(identity)
+                while ino in taken or txn.get(_ino_key(ino), db=self._db["nodes"]) is not None:
+                    attempt += 1
+                    ino = hashed_ino(identity, attempt)
+                taken.add(ino)
+                final = name
+                for n in range(100):
+                    if txn.get(_dirent_key(parent, final.encode()), db=self._db["dirents"]) is None:
+                        break
+                    final = unique_name(name, uid if n == 0 else f"{uid}\0{n}")
+                return ino, final, True
+
+            p_ino, p_name, _ = place(
+                b"P\0" + inst.patient_key.encode(), PATIENTS_INO, preferred[0], inst.patient_key
+            )
+            s_ino, s_name, _ = place(
+                b"S\0" + inst.study_uid.encode(), p_ino, preferred[1], inst.study_uid
+            )
+            r_ino, r_name, _ = place(
+                b"R\0" + inst.series_uid.encode(), s_ino, preferred[2], inst.series_uid
+            )
+            f_ino, f_name, _ = place(
+                b"I\0" + inst.sop_uid.encode(), r_ino, preferred[3], inst.sop_uid
+            )
+            l_ino, l_name, _ = place(
+                b"L\0" + inst.study_uid.encode(),
+                STUDIES_INO,
+                safe_name(inst.study_uid),
+                inst.study_uid,
+            )
+        return Placement(p_name, s_name, r_name, f_name, p_ino, s_ino, r_ino, f_ino, l_name, l_ino)
+
+    def commit(self, manifest: Manifest, missed: Iterable[Missed] = ()) -> None:
+        """Add an instance, its folders, chunk references and repair entries atomically.
+
+        Raises :class:`StalePlan` if the placement is no longer free (plan
+        again), :class:`Conflict` if the instance is already there.
+        """
+        inst, place = manifest.instance, manifest.placement
+        dbs = self._db
+        with self._write() as txn:
+            if txn.get(b"I\0" + inst.sop_uid.encode(), db=dbs["ids"]) is not None:
+                raise Conflict(f"SOPInstanceUID {inst.sop_uid} is already in the archive")
+            t = manifest.ingested_ns
+            chain = [
+                (
+                    b"P\0" + inst.patient_key.encode(),
+                    PATIENTS_INO,
+                    place.patient_ino,
+                    place.patient_name,
+                    DIR,
+                ),
+                (
+                    b"S\0" + inst.study_uid.encode(),
+                    place.patient_ino,
+                    place.study_ino,
+                    place.study_name,
+                    DIR,
+                ),
+                (
+                    b"R\0" + inst.series_uid.encode(),
+                    place.study_ino,
+                    place.series_ino,
+                    place.series_name,
+                    DIR,
+                ),
+                (
+                    b"I\0" + inst.sop_uid.encode(),
+                    place.series_ino,
+                    place.file_ino,
+                    place.file_name,
+                    FILE,
+                ),
+                (
+                    b"L\0" + inst.study_uid.encode(),
+                    STUDIES_INO,
+                    place.link_ino,
+                    place.link_name,
+                    LINK,
+                ),
+            ]
+            new_dirs: set[int] = set()
+            for identity, parent, ino, name, kind in chain:
+                found = txn.get(identity, db=dbs["ids"])
+                if found is not None:
+                    if _U64.unpack(found)[0] != ino:
+                        raise StalePlan(identity.decode(errors="replace"))
+                    continue
+                name_b = name.encode()
+                if (
+                    txn.get(_ino_key(ino), db=dbs["nodes"]) is not None
+                    or txn.get(_dirent_key(parent, name_b), db=dbs["dirents"]) is not None
+                ):
+                    raise StalePlan(identity.decode(errors="replace"))
+                if kind == DIR:
+                    node = Node(ino, DIR, parent, name_b, t, 0)
+                    new_dirs.add(ino)
+                elif kind == FILE:
+                    node = Node(ino, FILE, parent, name_b, t, manifest.size, instance=manifest.key)
+                else:
+                    target = f"../patients/{place.patient_name}/{place.study_name}".encode()
+                    node = Node(ino, LINK, parent, name_b, t, len(target), target=target)
+                    new_dirs.add(ino)  # counts as a new entry of /studies
+                txn.put(_ino_key(ino), _encode_node(node), db=dbs["nodes"])
+                txn.put(_dirent_key(parent, name_b), _ino_key(ino), db=dbs["dirents"])
+                txn.put(identity, _ino_key(ino), db=dbs["ids"])
+            # Every folder above the file: newest-entry mtime, counts and bytes below.
+            ancestors = [
+                (place.series_ino, None),
+                (place.study_ino, place.series_ino),
+                (place.patient_ino, place.study_ino),
+                (PATIENTS_INO, place.patient_ino),
+                (ROOT_INO, None),
+            ]
+            for ino, child in ancestors:
+                self._grow(
+                    txn, ino, t, files=1, nbytes=manifest.size, subdirs=int(child in new_dirs)
+                )
+            if place.link_ino in new_dirs:
+                self._grow(txn, STUDIES_INO, t, files=0, nbytes=0, subdirs=0)
+            txn.put(manifest.key, manifest.to_bytes(), db=dbs["instances"])
+            for ref in manifest.chunks:
+                key = bytes.fromhex(ref.id)
+                old = txn.get(key, db=dbs["chunks"])
+                refs = _CHUNK.unpack(old)[1] if old is not None else 0
+                txn.put(key, _CHUNK.pack(ref.stored, refs + 1), db=dbs["chunks"])
+            _journal_put(txn, dbs["journal"], missed)
+
+    def _grow(
+        self,
+        txn: lmdb.Transaction,
+        ino: int,
+        mtime_ns: int,
+        *,
+        files: int,
+        nbytes: int,
+        subdirs: int,
+    ) -> None:
+        data = txn.get(_ino_key(ino), db=self._db["nodes"])
+        node = _decode_node(ino, data)
+        grown = Node(
+            ino,
+            DIR,
+            node.parent,
+            node.name,
+            max(node.mtime_ns, mtime_ns),
+            node.size,
+            node.subdirs + subdirs,
+            node.files + files,
+            node.bytes_below + nbytes,
+        )
+        txn.put(_ino_key(ino), _encode_node(grown), db=self._db["nodes"])
+
+
+def _journal_put(txn: lmdb.Transaction, db: Any, entries: Iterable[Missed]) -> None:
+    now = time.time()
+    for entry in entries:
+        txn.put(
+            entry.site.encode() + b"\0" + entry.key.encode(),
+            json.dumps({"reason": entry.reason, "time": now}).encode(),
+            db=db,
+        )
+
+
+def _conflict_message(identity: bytes) -> str:
+    kind, _, uid = identity.partition(b"\0")
+    what = {b"S": "StudyInstanceUID", b"R": "SeriesInstanceUID"}.get(kind, "identity")
+    parent = {b"S": "patient", b"R": "study"}.get(kind, "folder")
+    return f"{what} {uid.decode(errors='replace')} already belongs to another {parent}"

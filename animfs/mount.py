@@ -1,0 +1,193 @@
+"""The mount: the only ``trio.run``.  Builds store -> cache -> index -> fs and owns the nursery.
+
+``animfs mount`` without ``--foreground`` starts this same code in a child
+process (``--foreground``) with its output in the mount log, waits until the
+kernel shows the mount, and returns; a child that dies first makes the parent
+fail with the child's last log lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from animfs import fs
+from animfs.cache import ChunkCache
+from animfs.config import Config
+from animfs.index import Index
+from animfs.store import open_site
+from animfs.store.dual import DualStore, Missed
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD_KB = 1024  # the kernel then sends 1 MiB read requests
+START_TIMEOUT = 30.0
+
+
+class MountError(Exception):
+    """The mount point cannot be used; the message says why."""
+
+
+def log_path(config: Config) -> Path:
+    return config.path.parent / "animfs-mount.log"
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """Refuse a mount point that is missing, not a folder, in use or not empty.
+
+    A dead animfs mount left by a killed process ("transport endpoint is not
+    connected") is cleared, so that a crashed mount can simply be started again.
+    """
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise MountError(f"{mountpoint}: {exc.strerror}") from None
+        log.warning("%s: clearing a dead mount left by a process that was killed", mountpoint)
+        subprocess.run(
+            ["fusermount3", "-u", "-z", str(mountpoint)],
+            check=False,
+            capture_output=True,
+            timeout=30,
+        )
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint}: already a mount point (unmount it first)")
+    if not mountpoint.is_dir():
+        raise MountError(f"{mountpoint}: not a folder")
+    if any(mountpoint.iterdir()):
+        raise MountError(f"{mountpoint}: not empty; animfs mounts only on an empty folder")
+
+
+def spawn(config: Config, mountpoint: Path) -> None:
+    """Start the mount in the background and wait until it serves (or fails)."""
+    logfile = log_path(config)
+    with open(logfile, "ab") as out:
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "animfs",
+                "--config",
+                str(config.path),
+                "mount",
+                "--foreground",
+                str(mountpoint),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            return
+        if child.poll() is not None:
+            raise MountError(
+                f"the mount process exited ({child.returncode}); see {logfile}:\n{_tail(logfile)}"
+            )
+        time.sleep(0.05)
+    child.terminate()
+    raise MountError(f"{mountpoint}: not mounted after {START_TIMEOUT:.0f} s; see {logfile}")
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def unmount(mountpoint: Path) -> None:
+    result = subprocess.run(
+        ["fusermount3", "-u", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise MountError(result.stderr.strip() or f"{mountpoint}: unmount failed")
+
+
+@contextlib.contextmanager
+def _components(config: Config) -> Iterator[tuple[Index, DualStore]]:
+    index = Index(config.index_path, map_size=config.index_map_size)
+    try:
+
+        def journal(entry: Missed) -> None:
+            log.warning(
+                "site %s: %s %s; journalled for repair", entry.site, entry.key, entry.reason
+            )
+            index.journal_add([entry])
+
+        store = DualStore(
+            [open_site(s) for s in config.sites],
+            preferred=config.preferred,
+            min_sites=config.min_sites,
+            on_bad_copy=journal,
+        )
+        try:
+            yield index, store
+        finally:
+            store.close()
+    finally:
+        index.close()
+
+
+def run(config: Config, mountpoint: Path) -> None:
+    """Mount in this process and serve until unmounted or signalled."""
+    check_mountpoint(mountpoint)
+    with _components(config) as (index, store):
+        trio.run(_serve, config, index, store, mountpoint)
+
+
+async def _serve(config: Config, index: Index, store: DualStore, mountpoint: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cache = ChunkCache(store, memory_bytes=config.memory_bytes, nursery=nursery)
+        operations = fs.Operations(index, cache)
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=animfs", "subtype=animfs", "ro", "allow_other"}
+        pyfuse3.init(operations, str(mountpoint), options)
+        log.info("mounted %s at %s", config.path, mountpoint)
+        try:
+            nursery.start_soon(_stop_on_signal)
+            nursery.start_soon(_raise_read_ahead, mountpoint)
+            await pyfuse3.main()
+        finally:
+            pyfuse3.close(unmount=True)
+            nursery.cancel_scope.cancel()
+            log.info("unmounted %s", mountpoint)
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+async def _raise_read_ahead(mountpoint: Path) -> None:
+    """Ask the kernel for 1 MiB reads: FUSE mounts start with a small read-ahead."""
+
+    def raise_it() -> None:
+        dev = os.stat(mountpoint).st_dev
+        knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        try:
+            if int(knob.read_text()) < READ_AHEAD_KB:
+                knob.write_text(str(READ_AHEAD_KB))
+        except OSError as exc:
+            log.info("cannot raise %s to %d: %s", knob, READ_AHEAD_KB, exc.strerror)
+
+    await trio.to_thread.run_sync(raise_it)

@@ -1,0 +1,142 @@
+"""A ``file://`` site: objects as files in a local folder (the embedded default).
+
+``chunks/<id>`` and ``manifests/<id>`` fan out into two levels of folders by
+the first four hex digits, so that no folder holds millions of files; other
+keys map to paths as they are.  A put writes a temporary file in the target
+folder and renames it over the key, so readers never see a partial object;
+:meth:`LocalStore.flush` fsyncs what was written and the folders it went into.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from animfs.store.base import ObjectNotFound, SiteUnavailable
+
+_FANNED = ("chunks/", "manifests/")
+_TMP = ".tmp-"
+
+
+class LocalStore:
+    def __init__(self, name: str, root: Path) -> None:
+        self.name = name
+        self.root = root
+        self._lock = threading.Lock()
+        self._unsynced: list[Path] = []
+
+    @classmethod
+    def from_url(cls, name: str, url: str) -> LocalStore:
+        return cls(name, Path(unquote(urlparse(url).path)))
+
+    def path(self, key: str) -> Path:
+        for prefix in _FANNED:
+            if key.startswith(prefix):
+                leaf = key[len(prefix) :]
+                if len(leaf) >= 4:
+                    return self.root / prefix / leaf[:2] / leaf[2:4] / leaf
+        if ".." in key.split("/"):
+            raise ValueError(f"bad key {key!r}")
+        return self.root / key
+
+    def _unavailable(self, key: str, exc: OSError) -> SiteUnavailable:
+        return SiteUnavailable(self.name, key, exc.strerror or str(exc))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise self._unavailable(key, exc) from exc
+        with self._lock:
+            self._unsynced.append(path)
+
+    def flush(self) -> None:
+        with self._lock:
+            paths, self._unsynced = self._unsynced, []
+        folders = set()
+        try:
+            for path in paths:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                folders.add(path.parent)
+            for folder in folders:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise self._unavailable("(flush)", exc) from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self.path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            if not self.root.is_dir():
+                raise SiteUnavailable(self.name, key, f"site folder {self.root} is gone") from None
+            raise ObjectNotFound(self.name, key, "no such object") from None
+        except OSError as exc:
+            raise self._unavailable(key, exc) from exc
+
+    def exists(self, key: str) -> bool:
+        if not self.root.is_dir():
+            raise SiteUnavailable(self.name, key, f"site folder {self.root} is gone")
+        return self.path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise self._unavailable(key, exc) from exc
+
+    def list(self, prefix: str) -> Iterator[str]:
+        if not self.root.is_dir():
+            raise SiteUnavailable(self.name, prefix, f"site folder {self.root} is gone")
+        top = prefix.split("/", 1)[0]
+        base = self.root / top
+        for dirpath, _dirs, files in os.walk(base):
+            for file in files:
+                if file.startswith(_TMP):
+                    continue
+                key = (
+                    f"{top}/{file}"
+                    if top + "/" in _FANNED
+                    else _relative_key(self.root, Path(dirpath) / file)
+                )
+                if key.startswith(prefix):
+                    yield key
+
+    def usage(self) -> tuple[int, int]:
+        objects = size = 0
+        try:
+            for dirpath, _dirs, files in os.walk(self.root):
+                for file in files:
+                    if not file.startswith(_TMP):
+                        objects += 1
+                        size += os.stat(os.path.join(dirpath, file)).st_size
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise self._unavailable("(usage)", exc) from exc
+        return objects, size
+
+
+def _relative_key(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
