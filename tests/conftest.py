@@ -174,3 +174,129 @@ def sha256_file(path: Path) -> str:
 
 def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# -- S3 sites: two moto servers as separate processes on 127.0.0.1 ----------------------------
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+S3_START_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MotoServer:
+    """One ``moto_server`` process on a fixed port; it can die and come back (empty)."""
+
+    def __init__(self, name: str, logdir: Path) -> None:
+        self.name, self.port = name, free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = logdir / f"moto-{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    def start(self) -> None:
+        import urllib.request
+
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                 "-p", str(self.port)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited:\n{self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(ready, S3_START_TIMEOUT, f"moto_server on port {self.port}")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """Die at once, as a data centre does (SIGKILL); everything it held is lost."""
+        self.resume()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def pause(self) -> None:
+        """Hang: the port still accepts connections, nothing answers (SIGSTOP)."""
+        assert self.proc is not None
+        self.proc.send_signal(19)  # SIGSTOP
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused and self.proc is not None:
+            self.proc.send_signal(18)  # SIGCONT
+            self.paused = False
+
+    def client(self) -> object:
+        import boto3
+        import botocore.config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+            config=botocore.config.Config(s3={"addressing_style": "path"},
+                                          retries={"max_attempts": 1}),
+        )
+
+    def bucket(self, name: str | None = None) -> str:
+        """Create a bucket (a fresh, uniquely named one unless ``name``) and return its name."""
+        import uuid
+
+        name = name or f"animfs-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]
+        return name
+
+
+@pytest.fixture(scope="session")
+def moto_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[MotoServer]]:
+    """Two moto S3 servers (site-a, site-b), started once; always stopped at the end."""
+    logdir = tmp_path_factory.mktemp("moto")
+    saved = {key: os.environ.get(key) for key in S3_ENV}
+    os.environ.update(S3_ENV)  # archive.run and mounts inherit these credentials
+    servers = [MotoServer("a", logdir), MotoServer("b", logdir)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.kill()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3(moto_servers: list[MotoServer]) -> Iterator[list[MotoServer]]:
+    """Both moto servers running and answering, also if the previous test stopped one."""
+    for server in moto_servers:
+        server.resume()
+        if not server.running:
+            server.start()
+    yield moto_servers
+    for server in moto_servers:
+        server.resume()  # never leave a server hung for the next test
