@@ -14,6 +14,7 @@ NFC-normalised and sanitised by :func:`safe_name`.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import unicodedata
 import warnings
@@ -276,15 +277,24 @@ def safe_name(text: str) -> str:
     become ``_``; never empty, ``.`` or ``..``; at most 255 bytes of UTF-8, cut
     on a character boundary.
     """
+    if text.isascii() and text.isprintable() and not _NEEDS_CARE.search(text):
+        return text if text.strip(".") and len(text) <= NAME_MAX else _slow_safe_name(text)
+    return _slow_safe_name(text)
+
+
+_NEEDS_CARE = re.compile(r"[\s/\\]")
+
+
+def _slow_safe_name(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
     out = []
     for ch in text:
-        if ch in _BIDI or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+        if ch in _BIDI:
             continue
-        if ch == "/" or ch == "\\":
+        if ch.isspace() or ch in "/\\":
             ch = "_"
-        elif ch.isspace():
-            ch = "_"
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs"):
+            continue
         out.append(ch)
     name = "".join(out)
     if name.strip(".") == "":

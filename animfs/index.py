@@ -261,6 +261,20 @@ class Index:
             value = txn.get(identity, db=self._db["ids"])
         return None if value is None else int(_U64.unpack(value)[0])
 
+    def study_issuer(self, study_uid: str, patient_id: str) -> str | None:
+        """The issuer under which a study is archived, if it is, for that PatientID."""
+        ino = self.find_ino(b"S\0" + study_uid.encode())
+        for _depth in range(2):  # study -> first series -> first file
+            if ino is None:
+                return None
+            first = self.entries(ino, None, 1)
+            ino = first[0].ino if first else None
+        node = self.node(ino) if ino is not None else None
+        manifest = self.manifest(node.instance) if node is not None else None
+        if manifest is None or manifest.instance.patient_id != patient_id:
+            return None
+        return manifest.instance.issuer
+
     def path_of(self, ino: int) -> str:
         """The path of a node inside the mount, from its parents."""
         parts = []
@@ -354,49 +368,50 @@ class Index:
         unique in their folder.  Raises :class:`Conflict` when the study or
         series already sits under another patient or study.
         """
+        with self.env.begin() as txn:
+            return self._plan_in(txn, manifest)
+
+    def _plan_in(self, txn: lmdb.Transaction, manifest: Manifest) -> Placement:
         inst = manifest.instance
         preferred = inst.folder_names()
         taken: set[int] = set()
-        with self.env.begin() as txn:
 
-            def place(identity: bytes, parent: int, name: str, uid: str) -> tuple[int, str, bool]:
-                found = txn.get(identity, db=self._db["ids"])
-                if found is not None:
-                    node = _decode_node(_U64.unpack(found)[0], txn.get(found, db=self._db["nodes"]))
-                    if node.parent != parent:
-                        raise Conflict(_conflict_message(identity))
-                    return node.ino, node.name.decode(), False
-                attempt = 0
-                ino = hashed_ino(identity)
-                while ino in taken or txn.get(_ino_key(ino), db=self._db["nodes"]) is not None:
-                    attempt += 1
-                    ino = hashed_ino(identity, attempt)
-                taken.add(ino)
-                final = name
-                for n in range(100):
-                    if txn.get(_dirent_key(parent, final.encode()), db=self._db["dirents"]) is None:
-                        break
-                    final = unique_name(name, uid if n == 0 else f"{uid}\0{n}")
-                return ino, final, True
+        def place(identity: bytes, parent: int, name: str, uid: str) -> tuple[int, str, bool]:
+            found = txn.get(identity, db=self._db["ids"])
+            if found is not None:
+                node = _decode_node(_U64.unpack(found)[0], txn.get(found, db=self._db["nodes"]))
+                if node.parent != parent:
+                    raise Conflict(_conflict_message(identity))
+                return node.ino, node.name.decode(), False
+            attempt = 0
+            ino = hashed_ino(identity)
+            while ino in taken or txn.get(_ino_key(ino), db=self._db["nodes"]) is not None:
+                attempt += 1
+                ino = hashed_ino(identity, attempt)
+            taken.add(ino)
+            final = name
+            for n in range(100):
+                if txn.get(_dirent_key(parent, final.encode()), db=self._db["dirents"]) is None:
+                    break
+                final = unique_name(name, uid if n == 0 else f"{uid}\0{n}")
+            return ino, final, True
 
-            p_ino, p_name, _ = place(
-                b"P\0" + inst.patient_key.encode(), PATIENTS_INO, preferred[0], inst.patient_key
-            )
-            s_ino, s_name, _ = place(
-                b"S\0" + inst.study_uid.encode(), p_ino, preferred[1], inst.study_uid
-            )
-            r_ino, r_name, _ = place(
-                b"R\0" + inst.series_uid.encode(), s_ino, preferred[2], inst.series_uid
-            )
-            f_ino, f_name, _ = place(
-                b"I\0" + inst.sop_uid.encode(), r_ino, preferred[3], inst.sop_uid
-            )
-            l_ino, l_name, _ = place(
-                b"L\0" + inst.study_uid.encode(),
-                STUDIES_INO,
-                safe_name(inst.study_uid),
-                inst.study_uid,
-            )
+        p_ino, p_name, _ = place(
+            b"P\0" + inst.patient_key.encode(), PATIENTS_INO, preferred[0], inst.patient_key
+        )
+        s_ino, s_name, _ = place(
+            b"S\0" + inst.study_uid.encode(), p_ino, preferred[1], inst.study_uid
+        )
+        r_ino, r_name, _ = place(
+            b"R\0" + inst.series_uid.encode(), s_ino, preferred[2], inst.series_uid
+        )
+        f_ino, f_name, _ = place(b"I\0" + inst.sop_uid.encode(), r_ino, preferred[3], inst.sop_uid)
+        l_ino, l_name, _ = place(
+            b"L\0" + inst.study_uid.encode(),
+            STUDIES_INO,
+            safe_name(inst.study_uid),
+            inst.study_uid,
+        )
         return Placement(p_name, s_name, r_name, f_name, p_ino, s_ino, r_ino, f_ino, l_name, l_ino)
 
     def commit(self, manifest: Manifest, missed: Iterable[Missed] = ()) -> None:
@@ -405,95 +420,111 @@ class Index:
         Raises :class:`StalePlan` if the placement is no longer free (plan
         again), :class:`Conflict` if the instance is already there.
         """
+        with self._write() as txn:
+            self._commit_in(txn, manifest, missed)
+
+    def add_many(self, manifests: Iterable[Manifest]) -> list[Manifest]:
+        """Plan and commit many instances in one transaction (generated or rebuilt indexes).
+
+        Returns them as placed.  All or nothing, like :meth:`commit`.
+        """
+        placed = []
+        with self._write() as txn:
+            for manifest in manifests:
+                manifest = manifest.with_placement(self._plan_in(txn, manifest))
+                self._commit_in(txn, manifest, ())
+                placed.append(manifest)
+        return placed
+
+    def _commit_in(
+        self, txn: lmdb.Transaction, manifest: Manifest, missed: Iterable[Missed]
+    ) -> None:
         inst, place = manifest.instance, manifest.placement
         dbs = self._db
-        with self._write() as txn:
-            if txn.get(b"I\0" + inst.sop_uid.encode(), db=dbs["ids"]) is not None:
-                raise Conflict(f"SOPInstanceUID {inst.sop_uid} is already in the archive")
-            t = manifest.ingested_ns
-            chain = [
-                (
-                    b"P\0" + inst.patient_key.encode(),
-                    PATIENTS_INO,
-                    place.patient_ino,
-                    place.patient_name,
-                    DIR,
-                ),
-                (
-                    b"S\0" + inst.study_uid.encode(),
-                    place.patient_ino,
-                    place.study_ino,
-                    place.study_name,
-                    DIR,
-                ),
-                (
-                    b"R\0" + inst.series_uid.encode(),
-                    place.study_ino,
-                    place.series_ino,
-                    place.series_name,
-                    DIR,
-                ),
-                (
-                    b"I\0" + inst.sop_uid.encode(),
-                    place.series_ino,
-                    place.file_ino,
-                    place.file_name,
-                    FILE,
-                ),
-                (
-                    b"L\0" + inst.study_uid.encode(),
-                    STUDIES_INO,
-                    place.link_ino,
-                    place.link_name,
-                    LINK,
-                ),
-            ]
-            new_dirs: set[int] = set()
-            for identity, parent, ino, name, kind in chain:
-                found = txn.get(identity, db=dbs["ids"])
-                if found is not None:
-                    if _U64.unpack(found)[0] != ino:
-                        raise StalePlan(identity.decode(errors="replace"))
-                    continue
-                name_b = name.encode()
-                if (
-                    txn.get(_ino_key(ino), db=dbs["nodes"]) is not None
-                    or txn.get(_dirent_key(parent, name_b), db=dbs["dirents"]) is not None
-                ):
+        if txn.get(b"I\0" + inst.sop_uid.encode(), db=dbs["ids"]) is not None:
+            raise Conflict(f"SOPInstanceUID {inst.sop_uid} is already in the archive")
+        t = manifest.ingested_ns
+        chain = [
+            (
+                b"P\0" + inst.patient_key.encode(),
+                PATIENTS_INO,
+                place.patient_ino,
+                place.patient_name,
+                DIR,
+            ),
+            (
+                b"S\0" + inst.study_uid.encode(),
+                place.patient_ino,
+                place.study_ino,
+                place.study_name,
+                DIR,
+            ),
+            (
+                b"R\0" + inst.series_uid.encode(),
+                place.study_ino,
+                place.series_ino,
+                place.series_name,
+                DIR,
+            ),
+            (
+                b"I\0" + inst.sop_uid.encode(),
+                place.series_ino,
+                place.file_ino,
+                place.file_name,
+                FILE,
+            ),
+            (
+                b"L\0" + inst.study_uid.encode(),
+                STUDIES_INO,
+                place.link_ino,
+                place.link_name,
+                LINK,
+            ),
+        ]
+        new_dirs: set[int] = set()
+        for identity, parent, ino, name, kind in chain:
+            found = txn.get(identity, db=dbs["ids"])
+            if found is not None:
+                if _U64.unpack(found)[0] != ino:
                     raise StalePlan(identity.decode(errors="replace"))
-                if kind == DIR:
-                    node = Node(ino, DIR, parent, name_b, t, 0)
-                    new_dirs.add(ino)
-                elif kind == FILE:
-                    node = Node(ino, FILE, parent, name_b, t, manifest.size, instance=manifest.key)
-                else:
-                    target = f"../patients/{place.patient_name}/{place.study_name}".encode()
-                    node = Node(ino, LINK, parent, name_b, t, len(target), target=target)
-                    new_dirs.add(ino)  # counts as a new entry of /studies
-                txn.put(_ino_key(ino), _encode_node(node), db=dbs["nodes"])
-                txn.put(_dirent_key(parent, name_b), _ino_key(ino), db=dbs["dirents"])
-                txn.put(identity, _ino_key(ino), db=dbs["ids"])
-            # Every folder above the file: newest-entry mtime, counts and bytes below.
-            ancestors = [
-                (place.series_ino, None),
-                (place.study_ino, place.series_ino),
-                (place.patient_ino, place.study_ino),
-                (PATIENTS_INO, place.patient_ino),
-                (ROOT_INO, None),
-            ]
-            for ino, child in ancestors:
-                self._grow(
-                    txn, ino, t, files=1, nbytes=manifest.size, subdirs=int(child in new_dirs)
-                )
-            if place.link_ino in new_dirs:
-                self._grow(txn, STUDIES_INO, t, files=0, nbytes=0, subdirs=0)
-            txn.put(manifest.key, manifest.to_bytes(), db=dbs["instances"])
-            for ref in manifest.chunks:
-                key = bytes.fromhex(ref.id)
-                old = txn.get(key, db=dbs["chunks"])
-                refs = _CHUNK.unpack(old)[1] if old is not None else 0
-                txn.put(key, _CHUNK.pack(ref.stored, refs + 1), db=dbs["chunks"])
-            _journal_put(txn, dbs["journal"], missed)
+                continue
+            name_b = name.encode()
+            if (
+                txn.get(_ino_key(ino), db=dbs["nodes"]) is not None
+                or txn.get(_dirent_key(parent, name_b), db=dbs["dirents"]) is not None
+            ):
+                raise StalePlan(identity.decode(errors="replace"))
+            if kind == DIR:
+                node = Node(ino, DIR, parent, name_b, t, 0)
+                new_dirs.add(ino)
+            elif kind == FILE:
+                node = Node(ino, FILE, parent, name_b, t, manifest.size, instance=manifest.key)
+            else:
+                target = f"../patients/{place.patient_name}/{place.study_name}".encode()
+                node = Node(ino, LINK, parent, name_b, t, len(target), target=target)
+                new_dirs.add(ino)  # counts as a new entry of /studies
+            txn.put(_ino_key(ino), _encode_node(node), db=dbs["nodes"])
+            txn.put(_dirent_key(parent, name_b), _ino_key(ino), db=dbs["dirents"])
+            txn.put(identity, _ino_key(ino), db=dbs["ids"])
+        # Every folder above the file: newest-entry mtime, counts and bytes below.
+        ancestors = [
+            (place.series_ino, None),
+            (place.study_ino, place.series_ino),
+            (place.patient_ino, place.study_ino),
+            (PATIENTS_INO, place.patient_ino),
+            (ROOT_INO, None),
+        ]
+        for ino, child in ancestors:
+            self._grow(txn, ino, t, files=1, nbytes=manifest.size, subdirs=int(child in new_dirs))
+        if place.link_ino in new_dirs:
+            self._grow(txn, STUDIES_INO, t, files=0, nbytes=0, subdirs=0)
+        txn.put(manifest.key, manifest.to_bytes(), db=dbs["instances"])
+        for ref in manifest.chunks:
+            key = bytes.fromhex(ref.id)
+            old = txn.get(key, db=dbs["chunks"])
+            refs = _CHUNK.unpack(old)[1] if old is not None else 0
+            txn.put(key, _CHUNK.pack(ref.stored, refs + 1), db=dbs["chunks"])
+        _journal_put(txn, dbs["journal"], missed)
 
     def _grow(
         self,

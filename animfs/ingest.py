@@ -107,7 +107,13 @@ class Ingester:
         institution = (
             self.institution or institution_code(self.config, header.institution_name) or "UNKNOWN"
         )
-        inst = header if header.issuer else dataclasses.replace(header, issuer=institution)
+        if not header.issuer:
+            # No IssuerOfPatientID: the ingesting institution issued the ID, unless the
+            # study is already archived for this PatientID (a study that several
+            # sites' modalities wrote to stays with its patient).
+            issuer = self.index.study_issuer(header.study_uid, header.patient_id) or institution
+            header = dataclasses.replace(header, issuer=issuer)
+        inst = header
 
         existing = self.index.find_ino(b"I\0" + inst.sop_uid.encode())
         if existing is not None:

@@ -28,6 +28,11 @@ def manifest_key(sop_uid: str) -> str:
     return f"manifests/{instance_key(sop_uid).hex()}"
 
 
+def _shallow(record: Any) -> dict[str, Any]:
+    """A flat record as a dict (dataclasses.asdict deep-copies, and is 5x slower)."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where an instance sits in the tree: the names and inodes of its path."""
@@ -69,13 +74,13 @@ class Manifest:
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {
             "version": VERSION,
-            "instance": dataclasses.asdict(self.instance),
+            "instance": _shallow(self.instance),
             "institution": self.institution,
             "size": self.size,
             "sha256": self.sha256,
             "chunks": [[c.id, c.size, c.stored] for c in self.chunks],
             "ingested_ns": self.ingested_ns,
-            "placement": dataclasses.asdict(self.placement),
+            "placement": _shallow(self.placement),
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
