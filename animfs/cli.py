@@ -158,6 +158,128 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _changes(args: argparse.Namespace) -> Any:
+    """The access changes of ``args``' config, by the calling uid, and the index to close."""
+    import os
+
+    from animfs.consent import Changes
+    from animfs.index import Index
+
+    config = _load(args)
+    index = Index(config.index_path, map_size=config.index_map_size)
+    return Changes(config, index, uid=os.getuid()), index
+
+
+def _change(args: argparse.Namespace, make: Callable[[Any], str]) -> int:
+    from animfs.audit import AuditUnavailable
+    from animfs.consent import Refused
+
+    changes, index = _changes(args)
+    try:
+        print(make(changes))
+    except (Refused, AuditUnavailable) as exc:
+        raise Failure(str(exc)) from None
+    finally:
+        index.close()
+    return 0
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def cmd_consent_grant(args: argparse.Namespace) -> int:
+    def make(changes: Any) -> str:
+        c = changes.grant(args.patient, args.to, args.until)
+        return f"consent: {args.patient} to {c.to} until {_when(c.until)}"
+
+    return _change(args, make)
+
+
+def cmd_consent_revoke(args: argparse.Namespace) -> int:
+    def make(changes: Any) -> str:
+        c = changes.revoke(args.patient, args.to)
+        return f"consent revoked: {args.patient} to {c.to}"
+
+    return _change(args, make)
+
+
+def cmd_consent_list(args: argparse.Namespace) -> int:
+    changes, index = _changes(args)
+    try:
+        now = time.time()
+        for patient, c in index.consents(args.patient):
+            if c.revoked is not None:
+                state = f"revoked {_when(c.revoked)}"
+            elif c.until is not None and c.until <= now:
+                state = "expired"
+            else:
+                state = "in force"
+            print(f"{patient}\t{c.to}\tgranted {_when(c.granted)}\tuntil {_when(c.until)}\t{state}")
+    finally:
+        index.close()
+    return 0
+
+
+def cmd_record_set(args: argparse.Namespace) -> int:
+    def make(changes: Any) -> str:
+        changes.set_record(args.patient, args.state)
+        return f"record: {args.patient} {args.state}"
+
+    return _change(args, make)
+
+
+def cmd_break_glass(args: argparse.Namespace) -> int:
+    def make(changes: Any) -> str:
+        g = changes.break_glass(args.patient, args.reason, args.hours)
+        return f"break-the-glass: uid {g.uid} may open {args.patient} until {_when(g.until)}"
+
+    return _change(args, make)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from animfs import audit
+
+    config = _load(args)
+    try:
+        verdict = audit.verify(config.audit_path)
+    except OSError as exc:
+        raise Failure(f"{config.audit_path}: cannot read the audit log: {exc.strerror}") from None
+    if not verdict.intact:
+        print(f"audit: {config.audit_path}: line {verdict.broken_line}: {verdict.problem}")
+        return 1
+    print(f"audit: {config.audit_path}: {verdict.lines} lines, chain intact, head {verdict.head}")
+    return 0
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from animfs import audit
+
+    config = _load(args)
+    for e in audit.entries(config.audit_path):
+        if e.get("patient") != args.patient:
+            continue
+        if args.json:
+            print(json.dumps(e, ensure_ascii=False))
+            continue
+        who = f"{e.get('user') or 'unmapped'} (uid {e.get('uid')}"
+        if e.get("event") == "open":
+            who += f", {e.get('institution')} {e.get('role')})" if e.get("role") else ")"
+            flag = "  BREAK-THE-GLASS" if e.get("break_glass") else ""
+            print(
+                f"{e.get('time')}  {e.get('decision')}  {e.get('rule')}  {who}  "
+                f"{e.get('process')}[{e.get('pid')}]  {e.get('path')}{flag}"
+            )
+        else:
+            details = {k: v for k, v in e.items() if k not in _AUDIT_COMMON}
+            extra = " ".join(f"{k}={v}" for k, v in sorted(details.items()))
+            print(f"{e.get('time')}  {e.get('event')}  {who})  {extra}")
+    return 0
+
+
+_AUDIT_COMMON = {"time", "event", "uid", "user", "patient", "prev", "hash"}
+
+
 # -- parser ----------------------------------------------------------------------------
 
 
@@ -182,8 +304,52 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("mountpoint")
     c = add("umount", cmd_umount, "unmount a mounted archive")
     c.add_argument("mountpoint")
+    _add_access_commands(sub)
     add("status", cmd_status, "sites, index and repair state as JSON")
     return p
+
+
+def _add_access_commands(sub: Any) -> None:
+    """consent, record, break-glass and audit, each with its own sub-commands."""
+
+    def group(name: str, help: str) -> Any:
+        return sub.add_parser(name, help=help, description=help).add_subparsers(
+            dest="action", required=True, metavar="ACTION"
+        )
+
+    def add(parent: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str) -> Any:
+        cmd = parent.add_parser(name, help=help, description=help)
+        cmd.set_defaults(fn=fn)
+        return cmd
+
+    patient_help = "the patient, as ISSUER-PATIENTID"
+    consent = group("consent", "a patient's consent to share their imaging")
+    c = add(consent, "grant", cmd_consent_grant, "let an institution (or all) open the images")
+    c.add_argument("--patient", required=True, help=patient_help)
+    c.add_argument("--to", required=True, help="institution code or name, or 'all'")
+    c.add_argument("--until", help="YYYY-MM-DD (through that day) or an ISO date and time")
+    c = add(consent, "revoke", cmd_consent_revoke, "withdraw a consent")
+    c.add_argument("--patient", required=True, help=patient_help)
+    c.add_argument("--to", required=True, help="institution code or name, or 'all'")
+    c = add(consent, "list", cmd_consent_list, "consents, revoked and expired ones included")
+    c.add_argument("--patient", help=patient_help)
+
+    record = group("record", "the state of a patient's shared record")
+    c = add(record, "set", cmd_record_set, "in-order allows sharing; closed and opted-out stop it")
+    c.add_argument("--patient", required=True, help=patient_help)
+    c.add_argument("state", choices=["in-order", "closed", "opted-out"])
+
+    c = sub.add_parser("break-glass", help="emergency access to one patient, for yourself")
+    c.set_defaults(fn=cmd_break_glass)
+    c.add_argument("--patient", required=True, help=patient_help)
+    c.add_argument("--reason", required=True, help="why: written to the audit log")
+    c.add_argument("--hours", type=float, default=4.0, help="how long (default 4, fractions ok)")
+
+    log_ = group("audit", "the hash-chained audit log")
+    add(log_, "verify", cmd_audit_verify, "check the chain; exit 1 at the first broken line")
+    c = add(log_, "show", cmd_audit_show, "who opened a patient's images, when, under which rule")
+    c.add_argument("--patient", required=True, help=patient_help)
+    c.add_argument("--json", action="store_true", help="print the log lines themselves")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

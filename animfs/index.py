@@ -22,6 +22,12 @@ so that keys sort numerically, little-endian in values):
 ``chunks``     chunk id (32 raw bytes) -> stored size u64 | references u64.
 ``journal``    site name + b"\\0" + object key -> JSON {"reason", "time"}: the
                repair journal, one entry per object a site lacks a good copy of.
+``consents``   patient key (issuer "-" PatientID) + b"\\0" + institution code or b"all"
+               -> JSON {"to", "granted", "until", "revoked"} (epoch seconds; until and
+               revoked may be null).  A revoked consent is kept, marked, for the history.
+``records``    patient key -> b"in-order" | b"closed" | b"opted-out" (absent: in order).
+``break_glass`` patient key + b"\\0" + uid (u32 BE) -> JSON {"uid", "granted", "until",
+               "reason"}: the latest break-the-glass grant of that uid for that patient.
 ``meta``       b"format" -> b"1".
 
 Inodes 1..65535 are reserved for the fixed and virtual entries (:data:`ROOT_INO`
@@ -37,6 +43,7 @@ re-checks the plan (:class:`StalePlan` if another process got there first).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -48,6 +55,7 @@ from typing import Any
 
 import lmdb
 
+from animfs.access import IN_ORDER, BreakGlass, Consent, PatientState
 from animfs.dicom import safe_name, unique_name
 from animfs.manifest import Manifest, Placement
 from animfs.store.dual import Missed
@@ -68,7 +76,19 @@ _HEAD = struct.Struct("<BQqQH")
 _DIR_TAIL = struct.Struct("<QQQ")
 _U64 = struct.Struct(">Q")
 _CHUNK = struct.Struct("<QQ")
-_DBS = ("nodes", "dirents", "ids", "instances", "chunks", "journal", "meta")
+_DBS = (
+    "nodes",
+    "dirents",
+    "ids",
+    "instances",
+    "chunks",
+    "journal",
+    "meta",
+    "consents",
+    "records",
+    "break_glass",
+)
+_U32 = struct.Struct(">I")
 
 
 class IndexError_(Exception):
@@ -359,6 +379,45 @@ class Index:
         with self._write() as txn:
             txn.delete(site.encode() + b"\0" + key.encode(), db=self._db["journal"])
 
+    # -- consent, record state and break-the-glass grants ----------------------------
+
+    def patient_state(self, patient: str) -> PatientState:
+        """What the access rules need to know about a patient, read in one transaction."""
+        prefix = patient.encode() + b"\0"
+        with self.env.begin() as txn:
+            consents = tuple(
+                Consent(**json.loads(v)) for _, v in _prefixed(txn, self._db["consents"], prefix)
+            )
+            grants = tuple(
+                BreakGlass(**json.loads(v))
+                for _, v in _prefixed(txn, self._db["break_glass"], prefix)
+            )
+            record = txn.get(patient.encode(), db=self._db["records"])
+        return PatientState(consents, IN_ORDER if record is None else record.decode(), grants)
+
+    def consents(self, patient: str | None = None) -> list[tuple[str, Consent]]:
+        """Every consent (or a patient's), revoked ones included, by patient and institution."""
+        prefix = b"" if patient is None else patient.encode() + b"\0"
+        with self.env.begin() as txn:
+            return [
+                (key.partition(b"\0")[0].decode(), Consent(**json.loads(value)))
+                for key, value in _prefixed(txn, self._db["consents"], prefix)
+            ]
+
+    def put_consent(self, patient: str, consent: Consent) -> None:
+        with self._write() as txn:
+            key = patient.encode() + b"\0" + consent.to.encode()
+            txn.put(key, json.dumps(dataclasses.asdict(consent)).encode(), db=self._db["consents"])
+
+    def set_record(self, patient: str, state: str) -> None:
+        with self._write() as txn:
+            txn.put(patient.encode(), state.encode(), db=self._db["records"])
+
+    def put_break_glass(self, patient: str, grant: BreakGlass) -> None:
+        with self._write() as txn:
+            key = patient.encode() + b"\0" + _U32.pack(grant.uid)
+            txn.put(key, json.dumps(dataclasses.asdict(grant)).encode(), db=self._db["break_glass"])
+
     # -- ingest ---------------------------------------------------------------------
 
     def plan(self, manifest: Manifest) -> Placement:
@@ -560,6 +619,17 @@ def _journal_put(txn: lmdb.Transaction, db: Any, entries: Iterable[Missed]) -> N
             json.dumps({"reason": entry.reason, "time": now}).encode(),
             db=db,
         )
+
+
+def _prefixed(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The (key, value) pairs of ``db`` whose key starts with ``prefix``, in key order."""
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        if not bytes(key).startswith(prefix):
+            return
+        yield bytes(key), bytes(value)
 
 
 def _conflict_message(identity: bytes) -> str:
