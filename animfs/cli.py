@@ -141,21 +141,81 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
+    from animfs.repair import pending
+    from animfs.store.base import StoreError
+
     index, store = _open_archive(config)
     try:
-        sites = {}
+        journal = pending(index)
+        sites: dict[str, dict[str, Any]] = {}
         for site in store.sites:
+            entry: dict[str, Any] = {"pending_repairs": journal.get(site.name, 0)}
             try:
                 objects, size = site.usage()
-                sites[site.name] = {"state": "up", "objects": objects, "bytes": size}
-            except Exception as exc:  # any failure of a site is a state to report
-                sites[site.name] = {"state": "down", "last_error": str(exc)}
+                entry.update(state="up", last_error="", objects=objects, bytes=size)
+            except StoreError as exc:  # a site that does not answer is a state to report
+                entry.update(state="down", last_error=exc.reason, objects=None, bytes=None)
+            sites[site.name] = entry
         status = {"config": str(config.path), "index": index.counts(), "sites": sites}
     finally:
         store.close()
         index.close()
     print(json.dumps(status, indent=2))
     return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from animfs.repair import repair
+
+    config = _load(args)
+    index, store = _open_archive(config)
+    progress = Progress("repair", len(index.journal()))
+    try:
+        report = repair(index, store, step=progress.step)
+    finally:
+        progress.close()
+        store.close()
+        index.close()
+    for problem in report.problems:
+        print(f"animfs: {problem}", file=sys.stderr)
+    print(report.line())
+    return 1 if report.failed else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from animfs.repair import verify
+
+    config = _load(args)
+    names = [args.site] if args.site else [s.name for s in config.sites]
+    for name in names:
+        config.site(name)  # ConfigError for an unknown site
+    index, store = _open_archive(config)
+    sites = [store.site(name) for name in names]
+    counts = index.counts()
+    progress = Progress("verify", counts["chunks"] + counts["instances"])
+
+    def problem(entry: Any) -> None:
+        progress.close()
+        print(f"{entry.site}: {entry.key}: {entry.reason.removeprefix('verify: ')}")
+
+    try:
+        verdicts = verify(index, sites, deep=args.deep, step=progress.step, problem=problem)
+    finally:
+        progress.close()
+        store.close()
+        index.close()
+    for name, v in verdicts.items():
+        if v.unreachable:
+            print(f"{name}: UNREACHABLE after {v.checked} objects: {v.unreachable}")
+        elif v.complete:
+            how = "read and checked" if args.deep else "present"
+            print(f"{name}: complete, {v.checked} objects {how}")
+        else:
+            print(
+                f"{name}: INCOMPLETE, {v.missing} missing, {v.corrupt} corrupt "
+                f"of {v.checked} objects; journalled for 'animfs repair'"
+            )
+    return 0 if all(v.complete for v in verdicts.values()) else 1
 
 
 def _changes(args: argparse.Namespace) -> Any:
@@ -306,6 +366,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("mountpoint")
     _add_access_commands(sub)
     add("status", cmd_status, "sites, index and repair state as JSON")
+    add("repair", cmd_repair, "copy every journalled object to the site that lacks it")
+    c = add("verify", cmd_verify, "check that every referenced object is at every site")
+    c.add_argument("--site", help="check only this site")
+    c.add_argument("--deep", action="store_true", help="also read every object and check it")
     return p
 
 

@@ -58,6 +58,7 @@ class Config:
     audit_path: Path
     institutions: Mapping[str, str] = field(default_factory=dict)
     users: Mapping[int, User] = field(default_factory=dict)
+    repair_interval: float = 300.0  # seconds between the mount's background repair passes
 
     def site(self, name: str) -> SiteConfig:
         for site in self.sites:
@@ -158,6 +159,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         audit_path=audit.path_value("path", str(path.parent / "audit.jsonl")),
         institutions=_institutions(top.table("institutions", required=False)),
         users=_users(top.table("users", required=False)),
+        repair_interval=float(replication.positive("repair_interval", 300)),
     )
 
 
@@ -225,6 +227,7 @@ memory_bytes = 268_435_456            # decompressed-chunk LRU
 [replication]
 min_sites = 1                         # sites that must hold a write before it is acknowledged
 preferred = "site-a"                  # read from here first
+repair_interval = 300                 # seconds between the mount's background repairs
 
 [[sites]]
 name = "site-a"

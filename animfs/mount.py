@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from animfs import fs
+from animfs import fs, repair
 from animfs.cache import ChunkCache
 from animfs.config import Config
 from animfs.index import Index
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024  # the kernel then sends 1 MiB read requests
 START_TIMEOUT = 30.0
+PROBE_SECONDS = 3.0  # how often sites marked down are asked whether they answer again
 
 
 class MountError(Exception):
@@ -160,11 +163,15 @@ async def _serve(config: Config, index: Index, store: DualStore, mountpoint: Pat
         options |= {"fsname=animfs", "subtype=animfs", "ro", "allow_other"}
         pyfuse3.init(operations, str(mountpoint), options)
         log.info("mounted %s at %s", config.path, mountpoint)
+        stop_repair = threading.Event()
         try:
             nursery.start_soon(_stop_on_signal)
             nursery.start_soon(_raise_read_ahead, mountpoint)
+            nursery.start_soon(_probe_sites, store)
+            nursery.start_soon(_repair_in_background, config, index, store, stop_repair)
             await pyfuse3.main()
         finally:
+            stop_repair.set()  # a repair pass in its thread ends after the object in hand
             pyfuse3.close(unmount=True)
             nursery.cancel_scope.cancel()
             log.info("unmounted %s", mountpoint)
@@ -176,6 +183,30 @@ async def _stop_on_signal() -> None:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
             return
+
+
+async def _probe_sites(store: DualStore) -> None:
+    """Bring a site that was marked down back as soon as it answers again."""
+    limiter = trio.CapacityLimiter(1)
+    while True:
+        await trio.sleep(PROBE_SECONDS)
+        # abandon_on_cancel: a probe of a hung site may wait out its time-out,
+        # and touches nothing but the site states, so unmount need not wait for it.
+        await trio.to_thread.run_sync(store.probe, limiter=limiter, abandon_on_cancel=True)
+
+
+async def _repair_in_background(
+    config: Config, index: Index, store: DualStore, stop: threading.Event
+) -> None:
+    """Run ``animfs repair`` every ``repair_interval`` seconds while mounted."""
+    while True:
+        await trio.sleep(config.repair_interval)
+        if not index.journal(limit=1):
+            continue
+        report = await trio.to_thread.run_sync(
+            functools.partial(repair.repair, index, store, stop=stop)
+        )
+        log.info("background repair: %s", report.line())
 
 
 async def _raise_read_ahead(mountpoint: Path) -> None:
