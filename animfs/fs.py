@@ -17,15 +17,19 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from animfs import audit
 from animfs.cache import READ_AHEAD, ChunkCache, ChunkUnavailable
 from animfs.chunks import CHUNK_SIZE, ChunkRef
+from animfs.config import User
+from animfs.guard import Guard
 from animfs.index import DIR, FILE, ROOT_INO, Index, Node
+from animfs.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,7 @@ class OpenDir:
     ino: int
     resume_id: int = 0  # readdir offset of the last entry sent ...
     resume_name: bytes = b""  # ... and its name, so a listing resumes in one seek
+    uid: int = 0  # who opened it: readdir gets no request context
 
 
 class Operations(pyfuse3.Operations):
@@ -72,10 +77,23 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, index: Index, cache: ChunkCache) -> None:
+    def __init__(
+        self,
+        index: Index,
+        cache: ChunkCache,
+        *,
+        users: Mapping[int, User] | None = None,
+        audit_log: audit.GroupCommit | None = None,
+    ) -> None:
+        """With ``users`` (the config's [users]) access control is on and every open is
+        decided and written to ``audit_log``; without, everyone may open everything."""
         super().__init__()
         self.index = index
         self.cache = cache
+        self.guard = Guard(index, users or {})
+        if self.guard.enforced and audit_log is None:
+            raise ValueError("access control needs an audit log")
+        self.audit_log = audit_log
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
@@ -117,12 +135,17 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         if name == b".":
-            return self.attributes(self._node(parent_inode))
-        if name == b"..":
-            return self.attributes(self._node(self._node(parent_inode).parent))
-        node = self.index.lookup(parent_inode, name)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            node = self._node(parent_inode)
+        elif name == b"..":
+            node = self._node(self._node(parent_inode).parent)
+        else:
+            found = self.index.lookup(parent_inode, name)
+            if found is None:
+                hidden = self.guard.conceals_missing(ctx.uid, parent_inode)
+                raise pyfuse3.FUSEError(errno.EACCES if hidden else errno.ENOENT)
+            node = found
+        if not self.guard.may_see(ctx.uid, node):
+            raise pyfuse3.FUSEError(errno.EACCES)
         return self.attributes(node)
 
     @handler
@@ -134,6 +157,8 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.kind == DIR or node.kind == FILE:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if not self.guard.may_see(ctx.uid, node):  # the target names the patient
+            raise pyfuse3.FUSEError(errno.EACCES)
         return node.target
 
     @handler
@@ -157,10 +182,13 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if not self._node(inode).is_dir:
+        node = self._node(inode)
+        if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if not self.guard.may_see(ctx.uid, node):
+            raise pyfuse3.FUSEError(errno.EACCES)
         fh = self._new_fh()
-        self._dirs[fh] = OpenDir(inode)
+        self._dirs[fh] = OpenDir(inode, uid=ctx.uid)
         return fh
 
     @handler
@@ -173,16 +201,21 @@ class Operations(pyfuse3.Operations):
         else:  # an offset we did not hand out last: count our way there
             after = self._name_at(d.ino, start_id)
         position = start_id
+        # Offsets count every entry, shown or hidden, so that _name_at stays right.
+        check = self.guard.filters(d.uid, d.ino)
         while True:
             batch = self.index.entries(d.ino, after, 256)
             if not batch:
                 return
             for node in batch:
+                after = node.name
+                if check and not self.guard.may_see(d.uid, node):
+                    position += 1
+                    continue
                 if not pyfuse3.readdir_reply(token, node.name, self.attributes(node), position + 1):
                     return
                 position += 1
                 d.resume_id, d.resume_name = position, node.name
-                after = node.name
 
     def _name_at(self, ino: int, position: int) -> bytes | None:
         """The name of the ``position``-th entry (1-based) of a folder."""
@@ -215,9 +248,35 @@ class Operations(pyfuse3.Operations):
         if manifest is None:
             log.error("inode %d: instance record missing from the index", inode)
             raise pyfuse3.FUSEError(errno.EIO)
+        if self.guard.enforced:
+            await self._authorize(node, manifest, ctx)
         fh = self._new_fh()
         self._files[fh] = OpenFile(node, manifest.chunks)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def _authorize(self, node: Node, manifest: Manifest, ctx: pyfuse3.RequestContext) -> None:
+        """Decide an open and write its audit line; a granted open returns once the line
+        is durable.  Denials are not logged here: the audit log is where they go."""
+        assert self.audit_log is not None
+        user, study, decision = self.guard.decide_open(ctx.uid, manifest)
+        entry = audit.open_entry(
+            now=self.guard.clock(),
+            uid=ctx.uid,
+            user=user,
+            pid=ctx.pid,
+            path=self.index.path_of(node.ino),
+            patient=study.patient,
+            study=study.uid,
+            allowed=decision.allowed,
+            rule=decision.rule,
+        )
+        try:
+            await self.audit_log.record(entry)
+        except audit.AuditUnavailable as exc:
+            log.error("%s; refusing the open of inode %d", exc, node.ino)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if not decision.allowed:
+            raise pyfuse3.FUSEError(errno.EACCES)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:

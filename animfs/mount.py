@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from animfs import fs, repair
+from animfs.audit import AuditFile, AuditUnavailable, GroupCommit
 from animfs.cache import ChunkCache
 from animfs.config import Config
 from animfs.index import Index
@@ -151,14 +152,39 @@ def _components(config: Config) -> Iterator[tuple[Index, DualStore]]:
 def run(config: Config, mountpoint: Path) -> None:
     """Mount in this process and serve until unmounted or signalled."""
     check_mountpoint(mountpoint)
-    with _components(config) as (index, store):
-        trio.run(_serve, config, index, store, mountpoint)
+    with _components(config) as (index, store), _audit_file(config) as audit_file:
+        trio.run(_serve, config, index, store, mountpoint, audit_file)
 
 
-async def _serve(config: Config, index: Index, store: DualStore, mountpoint: Path) -> None:
+@contextlib.contextmanager
+def _audit_file(config: Config) -> Iterator[AuditFile | None]:
+    """The audit log when access control is on (the config maps users), else None."""
+    if not config.users:
+        log.warning("no [users] in %s: access control is off, opens are not audited", config.path)
+        yield None
+        return
+    try:
+        audit_file = AuditFile(config.audit_path)
+    except AuditUnavailable as exc:
+        raise MountError(str(exc)) from None
+    log.info("access control on for %d users; audit log %s", len(config.users), config.audit_path)
+    try:
+        yield audit_file
+    finally:
+        audit_file.close()
+
+
+async def _serve(
+    config: Config,
+    index: Index,
+    store: DualStore,
+    mountpoint: Path,
+    audit_file: AuditFile | None = None,
+) -> None:
     async with trio.open_nursery() as nursery:
         cache = ChunkCache(store, memory_bytes=config.memory_bytes, nursery=nursery)
-        operations = fs.Operations(index, cache)
+        audit_log = GroupCommit(audit_file, nursery) if audit_file is not None else None
+        operations = fs.Operations(index, cache, users=config.users, audit_log=audit_log)
         options = set(pyfuse3.default_options)
         options |= {"fsname=animfs", "subtype=animfs", "ro", "allow_other"}
         pyfuse3.init(operations, str(mountpoint), options)
