@@ -23,7 +23,7 @@ from animfs.store.dual import DualStore, NoGoodCopy
 log = logging.getLogger(__name__)
 
 FETCH_THREADS = 4  # concurrent chunk fetches (site I/O + decompression)
-READ_AHEAD = 3  # chunks fetched ahead of a sequential reader
+READ_AHEAD = 8  # chunks fetched ahead of a sequential reader (32 MiB)
 
 
 class ChunkUnavailable(Exception):

@@ -48,7 +48,7 @@ import hashlib
 import json
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -481,6 +481,36 @@ class Index:
         """
         with self._write() as txn:
             self._commit_in(txn, manifest, missed)
+
+    def commit_group(
+        self,
+        manifests: Sequence[Manifest],
+        publish: Callable[[list[Manifest]], list[Missed]],
+    ) -> list[Manifest | Conflict]:
+        """Place and commit several instances in one transaction (ingest's group commit).
+
+        Each instance is planned with the index's write lock held, so the group's
+        names and inodes cannot race another ingest.  ``publish(placed)`` then
+        writes their manifests to the sites and makes everything durable; only if
+        it returns is the transaction committed, with the repair entries it
+        returns.  If it raises, nothing is committed.  Returns, per instance, the
+        placed manifest or the :class:`Conflict` that kept it out (nothing of a
+        refused instance is written).
+        """
+        results: list[Manifest | Conflict] = []
+        with self._write() as txn:
+            placed = []
+            for manifest in manifests:
+                try:
+                    ready = manifest.with_placement(self._plan_in(txn, manifest))
+                    self._commit_in(txn, ready, ())
+                except Conflict as exc:
+                    results.append(exc)
+                    continue
+                placed.append(ready)
+                results.append(ready)
+            _journal_put(txn, self._db["journal"], publish(placed))
+        return results
 
     def add_many(self, manifests: Iterable[Manifest]) -> list[Manifest]:
         """Plan and commit many instances in one transaction (generated or rebuilt indexes).

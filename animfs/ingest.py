@@ -1,10 +1,12 @@
 """Files -> DICOM header -> chunks -> both sites -> index.
 
-One instance at a time, in this order, so that a crash at any point leaves
-nothing half-visible: every chunk is written to the sites, then the manifest,
-then the sites are flushed, and only then is the instance committed to the
-index in one transaction.  Chunks written before a crash and never committed
-are orphans for ``animfs gc``, never a half-listed file.
+In this order, so that a crash at any point leaves nothing half-visible: every
+chunk is written to the sites, then the manifest, then the sites are flushed,
+and only then is the instance committed to the index, in one transaction.
+Instances go through this in groups (group commit: one flush and one index
+transaction for up to :data:`GROUP_FILES` instances), which is what makes
+ingest of many small files fast.  Chunks written before a crash and never
+committed are orphans for ``animfs gc``, never a half-listed file.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from typing import BinaryIO
 
 from animfs import chunks
 from animfs.config import Config
-from animfs.dicom import Instance, NotDicom, read_header
-from animfs.index import Conflict, Index, IndexError_, StalePlan
+from animfs.dicom import NotDicom, read_header
+from animfs.index import Index, IndexError_
 from animfs.manifest import Manifest, Placement, instance_key
-from animfs.store.dual import DualStore, NotEnoughSites
+from animfs.store.dual import DualStore, Missed, NotEnoughSites
 
 COMPRESS_AHEAD = 4  # chunks being compressed at once
+GROUP_FILES = 64  # instances acknowledged together: one flush and one index commit ...
+GROUP_BYTES = 256 << 20  # ... or fewer, once this much data waits
 
 
 class Refused(Exception):
@@ -87,83 +91,71 @@ class Ingester:
         self.clock = clock
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="animfs-zstd")
         self.summary = Summary(stored={site.name: 0 for site in store.sites})
+        self._batch = store.batch()  # the objects of the group being ingested
+        self._sent: set[str] = set()  # chunk ids in that batch
+        # (StudyInstanceUID, PatientID) -> issuer, for the group not yet in the index
+        self._group_issuers: dict[tuple[str, str], str] = {}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
-    def ingest_file(self, path: Path) -> str:
-        """Archive one file; returns "ingested" or "skipped", raises :class:`Refused`."""
+    def prepare(self, path: Path) -> Manifest | None:
+        """Read one file and start writing its chunks to the sites.
+
+        Returns its manifest (not yet placed), or None when the identical instance
+        is already archived.  Raises :class:`Refused`.
+        """
         try:
             with open(path, "rb") as f:
-                return self._ingest(path, f)
+                return self._prepare(f)
         except OSError as exc:
             raise Refused(f"cannot read: {exc.strerror or exc}") from exc
 
-    def _ingest(self, path: Path, f: BinaryIO) -> str:
+    def _prepare(self, f: BinaryIO) -> Manifest | None:
         try:
             header = read_header(f, issuer_default="")
         except NotDicom as exc:
             raise Refused(str(exc)) from None
         institution = (
-            self.institution or institution_code(self.config, header.institution_name) or "UNKNOWN"
+            self.institution
+            or institution_code(self.config, header.institution_name)
+            or "UNKNOWN"
         )
         if not header.issuer:
             # No IssuerOfPatientID: the ingesting institution issued the ID, unless the
             # study is already archived for this PatientID (a study that several
             # sites' modalities wrote to stays with its patient).
-            issuer = self.index.study_issuer(header.study_uid, header.patient_id) or institution
+            issuer = (
+                self._group_issuers.get((header.study_uid, header.patient_id))
+                or self.index.study_issuer(header.study_uid, header.patient_id)
+                or institution
+            )
             header = dataclasses.replace(header, issuer=issuer)
-        inst = header
-
-        existing = self.index.find_ino(b"I\0" + inst.sop_uid.encode())
+        self._group_issuers[header.study_uid, header.patient_id] = header.issuer
+        existing = self.index.manifest(instance_key(header.sop_uid))
         if existing is not None:
-            return self._compare_existing(f, inst)
-
+            f.seek(0)
+            _same_or_refuse(existing, _file_sha256(f))
+            return None
         f.seek(0)
         size, sha, refs = self._store_chunks(f)
         if size != os.fstat(f.fileno()).st_size:
             raise Refused("the file changed while it was read")
-        manifest = Manifest(
-            inst,
-            institution,
-            size,
-            sha,
-            tuple(refs),
-            self.clock(),
-            Placement("", "", "", "", 0, 0, 0, 0, "", 0),
-        )
-        self._commit(manifest)
-        self.summary.bytes_in += size
-        return "ingested"
-
-    def _compare_existing(self, f: BinaryIO, inst: Instance) -> str:
-        manifest = self.index.manifest(instance_key(inst.sop_uid))
-        f.seek(0)
-        digest = hashlib.sha256()
-        while block := f.read(chunks.CHUNK_SIZE):
-            digest.update(block)
-        if manifest is not None and manifest.sha256 == digest.hexdigest():
-            return "skipped"
-        raise Refused(
-            f"SOPInstanceUID {inst.sop_uid} is already archived with different content; "
-            "the stored instance is kept"
-        )
+        return Manifest(header, institution, size, sha, tuple(refs), self.clock(), _UNPLACED)
 
     def _store_chunks(self, f: BinaryIO) -> tuple[int, str, list[chunks.ChunkRef]]:
         """Read, hash, compress and start writing every chunk; returns (size, sha256, refs)."""
-        self._batch = self.store.batch()
         whole = hashlib.sha256()
         refs: list[chunks.ChunkRef] = []
-        sent: set[str] = set()
         pending: deque[Future[tuple[str, bytes, int]]] = deque()
         size = 0
 
         def finish(future: Future[tuple[str, bytes, int]]) -> None:
             chunk_id, stored, plain_size = future.result()
             refs.append(chunks.ChunkRef(chunk_id, plain_size, len(stored)))
-            if chunk_id in sent or self.index.has_chunk(chunk_id):
-                return  # de-duplicated: already at the sites
-            sent.add(chunk_id)
+            if chunk_id in self._sent or self.index.has_chunk(chunk_id):
+                return  # de-duplicated: already at the sites, or on its way
+            self._sent.add(chunk_id)
             self._batch.put(chunks.chunk_key(chunk_id), stored)
             for name in self.summary.stored:
                 self.summary.stored[name] += len(stored)
@@ -181,38 +173,97 @@ class Ingester:
             finish(pending.popleft())
         return size, whole.hexdigest(), refs
 
-    def _commit(self, manifest: Manifest) -> None:
-        batch = self._batch
-        for _attempt in range(5):
+    def _publish(self, placed: list[Manifest]) -> list[Missed]:
+        """Write the group's manifests and make the whole group durable at the sites."""
+        for manifest in placed:
+            self._batch.put(manifest.object_key, manifest.to_bytes())
+        return self._batch.commit()
+
+    def commit_group(self, group: list[tuple[Path, Manifest]]) -> list[tuple[Path, str, str]]:
+        """Commit the prepared instances; returns (path, outcome, reason) for each."""
+        try:
+            self._batch.drain()  # chunks durable before the index's write lock is taken
+            results = self.index.commit_group([m for _, m in group], self._publish)
+        except (NotEnoughSites, IndexError_) as exc:
+            return [(path, "refused", str(exc)) for path, _ in group]
+        finally:
+            self._batch, self._sent = self.store.batch(), set()
+            self._group_issuers.clear()
+        placed = {r.instance.sop_uid: r for r in results if isinstance(r, Manifest)}
+        outcomes = []
+        for (path, manifest), result in zip(group, results, strict=True):
+            if isinstance(result, Manifest):
+                self.summary.bytes_in += manifest.size
+                outcomes.append((path, "ingested", ""))
+                continue
+            twin = placed.get(manifest.instance.sop_uid)  # the same file twice in one run?
             try:
-                placed = manifest.with_placement(self.index.plan(manifest))
-                batch.put(placed.object_key, placed.to_bytes())
-                missed = batch.commit()
-                self.index.commit(placed, missed)
-                return
-            except StalePlan:
-                batch = self.store.batch()  # another ingest took a name: place it again
-            except (NotEnoughSites, Conflict, IndexError_) as exc:
-                raise Refused(str(exc)) from exc
-        raise Refused("could not place the instance: the index kept changing under it")
+                if twin is None:
+                    raise Refused(str(result))
+                _same_or_refuse(twin, manifest.sha256)
+                outcomes.append((path, "skipped", ""))
+            except Refused as exc:
+                outcomes.append((path, "refused", str(exc)))
+        return outcomes
 
     def run(self, paths: Iterable[Path], report: Callable[[Path, str, str], None]) -> Summary:
-        """Ingest every file under ``paths``; ``report(path, outcome, reason)`` after each."""
+        """Ingest every file under ``paths``; ``report(path, outcome, reason)`` for each.
+
+        Instances are committed in groups (group commit): their chunks go out as
+        each file is read, and one flush of each site and one index transaction
+        then acknowledge the whole group.  A crash before that leaves only
+        orphan chunks.
+        """
         start = time.monotonic()
+        group: list[tuple[Path, Manifest]] = []
+        group_bytes = 0
+
+        def settle(outcomes: Iterable[tuple[Path, str, str]]) -> None:
+            for path, outcome, reason in outcomes:
+                if outcome == "ingested":
+                    self.summary.ingested += 1
+                elif outcome == "skipped":
+                    self.summary.skipped += 1
+                else:
+                    self.summary.refused += 1
+                report(path, outcome, reason)
+
         for path in walk(paths):
             try:
-                outcome, reason = self.ingest_file(path), ""
+                manifest = self.prepare(path)
             except Refused as exc:
-                outcome, reason = "refused", str(exc)
-            if outcome == "ingested":
-                self.summary.ingested += 1
-            elif outcome == "skipped":
-                self.summary.skipped += 1
-            else:
-                self.summary.refused += 1
-            report(path, outcome, reason)
+                settle([(path, "refused", str(exc))])
+                continue
+            if manifest is None:
+                settle([(path, "skipped", "")])
+                continue
+            group.append((path, manifest))
+            group_bytes += manifest.size
+            if len(group) >= GROUP_FILES or group_bytes >= GROUP_BYTES:
+                settle(self.commit_group(group))
+                group, group_bytes = [], 0
+        if group:
+            settle(self.commit_group(group))
         self.summary.seconds = time.monotonic() - start
         return self.summary
+
+
+_UNPLACED = Placement("", "", "", "", 0, 0, 0, 0, "", 0)
+
+
+def _file_sha256(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    while block := f.read(chunks.CHUNK_SIZE):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_or_refuse(stored: Manifest, sha256: str) -> None:
+    if stored.sha256 != sha256:
+        raise Refused(
+            f"SOPInstanceUID {stored.instance.sop_uid} is already archived with different "
+            "content; the stored instance is kept"
+        )
 
 
 def _seal(plain: bytes) -> tuple[str, bytes, int]:

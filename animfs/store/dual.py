@@ -81,7 +81,7 @@ MAX_PENDING = 16  # objects per batch in flight at once: bounds memory on 600 MB
 
 @dataclass
 class WriteBatch:
-    """The objects of one instance on their way to every site."""
+    """Objects on their way to every site, acknowledged together."""
 
     store: DualStore
     keys: list[str] = field(default_factory=list)
@@ -110,11 +110,11 @@ class WriteBatch:
             except StoreError as exc:
                 self.failed.setdefault(name, exc.reason)
 
-    def commit(self) -> list[Missed]:
-        """Wait for every put and flush every site that took them all.
+    def drain(self) -> None:
+        """Wait for every put so far and flush every site that took them all.
 
-        Returns the repair entries for the sites that missed something, or
-        raises :class:`NotEnoughSites` when fewer than ``min_sites`` hold it all.
+        The slow part of :meth:`commit`, for a caller that wants it done before
+        it takes a lock; failures are remembered for :meth:`commit`.
         """
         while self.pending:
             self._settle(self.pending.popleft())
@@ -124,6 +124,14 @@ class WriteBatch:
                     site.flush()
                 except StoreError as exc:
                     self.failed[site.name] = exc.reason
+
+    def commit(self) -> list[Missed]:
+        """Wait for every put and flush every site that took them all.
+
+        Returns the repair entries for the sites that missed something, or
+        raises :class:`NotEnoughSites` when fewer than ``min_sites`` hold it all.
+        """
+        self.drain()
         good = len(self.store.sites) - len(self.failed)
         if good < self.store.min_sites:
             detail = "; ".join(f"{name}: {reason}" for name, reason in sorted(self.failed.items()))

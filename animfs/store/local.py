@@ -9,17 +9,30 @@ folder and renames it over the key, so readers never see a partial object;
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from animfs.store.base import ObjectNotFound, SiteUnavailable
 
 _FANNED = ("chunks/", "manifests/")
+SYNCFS_ABOVE = 8  # objects to flush above which one syncfs beats an fsync each
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL(None, use_errno=True).syncfs
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
 _TMP = ".tmp-"
 
 
@@ -67,6 +80,17 @@ class LocalStore:
     def flush(self) -> None:
         with self._lock:
             paths, self._unsynced = self._unsynced, []
+        if len(paths) > SYNCFS_ABOVE and _syncfs is not None:
+            # One syncfs(2) of the site's file system costs about what one fsync
+            # does, and covers every file and rename so far: far cheaper for a group.
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if _syncfs(fd) != 0:
+                    err = ctypes.get_errno()
+                    raise self._unavailable("(flush)", OSError(err, os.strerror(err)))
+            finally:
+                os.close(fd)
+            return
         folders = set()
         try:
             for path in paths:
