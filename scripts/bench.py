@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""The spine benchmark: ingest, first and second reads, and a metadata walk, each as a
+ratio against a plain-file baseline measured in the same run.
+
+    .venv/bin/python scripts/bench.py [--workdir DIR] [--total-mb 1200] [--large-mb 600]
+
+Needs root (it drops the page cache for honest cold reads, and mounts).  The
+generated input is kept in WORKDIR/input between runs; everything else is
+made anew.  Prints one line per figure and the targets from the issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import gen_dicom  # noqa: E402
+
+ANIMFS = [sys.executable, "-m", "animfs"]
+BLOCK = 1 << 20
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def read_all(paths: list[Path]) -> int:
+    """Read every file sequentially in 1 MiB blocks, as cp or a viewer would."""
+    total = 0
+    buf = bytearray(BLOCK)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+    return total
+
+
+def walk_stat(root: Path) -> None:
+    subprocess.run(["find", str(root), "-printf", "%i %s %T@\n"], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+class Mounted:
+    def __init__(self, config: Path, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        subprocess.run([*ANIMFS, "--config", str(config), "mount", str(mountpoint)], check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def __enter__(self) -> Path:
+        return self.mountpoint
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=True, timeout=60)
+        for _ in range(100):  # the daemon exits once the kernel lets go
+            if not os.path.ismount(self.mountpoint):
+                break
+            time.sleep(0.1)
+
+
+def report(name: str, value: float, baseline: float, unit: str, target: str) -> None:
+    ratio = value / baseline if baseline else float("nan")
+    print(f"{name:<34} {value:10.1f} {unit:<5} baseline {baseline:10.1f} {unit:<5} "
+          f"ratio {ratio:5.2f}x   target {target}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "animfs-bench")
+    parser.add_argument("--total-mb", type=int, default=1200)
+    parser.add_argument("--large-mb", type=int, default=600)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench.py: run as root (it drops the page cache and mounts)")
+
+    work: Path = args.workdir
+    source = work / "input"
+    if not source.is_dir():
+        print(f"generating {args.total_mb} MB of DICOM into {source} ...", flush=True)
+        gen_dicom.make_archive(source, total_mb=args.total_mb, large_mb=args.large_mb)
+    inputs = files(source)
+    size = sum(p.stat().st_size for p in inputs)
+    largest = max(p.stat().st_size for p in inputs)
+    print(f"input: {len(inputs)} files, {size / 1e6:.0f} MB, largest {largest / 1e6:.0f} MB")
+
+    for name in ("archive", "copy-a", "copy-b", "mnt"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    subprocess.run([*ANIMFS, "init", str(work / "archive")], check=True, stdout=subprocess.DEVNULL)
+    config = work / "archive" / "animfs.toml"
+    (work / "mnt").mkdir()
+
+    # 1. Ingest vs cp to two folders (both made durable: ingest fsyncs, so cp is followed
+    #    by sync).  Input is read warm from the page cache by both.
+    read_all(inputs)
+
+    def copy_twice() -> None:
+        for dest in ("copy-a", "copy-b"):
+            subprocess.run(["cp", "-r", str(source), str(work / dest)], check=True)
+        os.sync()
+
+    cp_s = timed(copy_twice)
+    ingest_s = timed(lambda: subprocess.run(
+        [*ANIMFS, "--config", str(config), "ingest", str(source)], check=True,
+        stdout=subprocess.DEVNULL))
+    report("ingest throughput", size / ingest_s / 1e6, size / cp_s / 1e6, "MB/s", ">= 0.3x of cp")
+
+    # 2. First sequential read: originals cold from local disk vs the mount cold (sites
+    #    cold on disk, nothing in any cache, a fresh mount).
+    drop_caches()
+    local_first = size / timed(lambda: read_all(inputs)) / 1e6
+    local_second = size / timed(lambda: read_all(inputs)) / 1e6
+    drop_caches()
+    with Mounted(config, work / "mnt") as mnt:
+        served = files(mnt / "patients")
+        assert sum(p.stat().st_size for p in served) == size, "mount size differs from input"
+        first = size / timed(lambda: read_all(served)) / 1e6
+        second = size / timed(lambda: read_all(served)) / 1e6
+    report("first read (cold)", first, local_first, "MB/s", ">= 300 MB/s")
+    report("second read", second, local_second, "MB/s", ">= 0.8x of local")
+
+    # 3. Metadata walk: find + stat of the whole tree, fresh mount vs a local copy.
+    drop_caches()
+    with Mounted(config, work / "mnt") as mnt:
+        walk_mount = timed(lambda: walk_stat(mnt))
+    drop_caches()
+    walk_local = timed(lambda: walk_stat(work / "copy-a"))
+    report("find+stat walk (cold)", walk_mount * 1e3, walk_local * 1e3, "ms", "within 3x of local")
+
+    for name in ("copy-a", "copy-b"):
+        shutil.rmtree(work / name, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
