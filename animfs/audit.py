@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 _TAIL_STEP = 8192
@@ -214,17 +217,20 @@ class GroupCommit:
             raise batch.error
 
     async def _writer(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            batch, self._pending = self._pending, _Batch()
-            try:
-                await trio.to_thread.run_sync(self.log.append, batch.entries)
-                self.batches += 1
-                self.lines += len(batch.entries)
-            except AuditUnavailable as exc:
-                batch.error = exc
-            batch.done.set()
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                batch, self._pending = self._pending, _Batch()
+                try:
+                    await trio.to_thread.run_sync(self.log.append, batch.entries)
+                    self.batches += 1
+                    self.lines += len(batch.entries)
+                except AuditUnavailable as exc:
+                    batch.error = exc
+                batch.done.set()
+        finally:
+            log.info("audit: %d lines written in %d batches", self.lines, self.batches)
 
 
 # -- reading --------------------------------------------------------------------------
