@@ -41,11 +41,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import boto3  # noqa: E402
 import botocore.config  # noqa: E402
-import gen_dicom  # noqa: E402
 
 from animfs.cache import FETCH_THREADS  # noqa: E402
 from animfs.index import Index  # noqa: E402
 from animfs.manifest import Manifest  # noqa: E402
+
+import gen_dicom  # noqa: E402
 
 ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
        "AWS_DEFAULT_REGION": "us-east-1"}

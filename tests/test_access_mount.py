@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import Archive, Mount, gen_dicom, wait_for
 
 CHL_DR, HRS_DR, ADMIN, BACKUP, NOBODY = 1001, 1002, 1003, 1004, 1005

@@ -12,14 +12,15 @@ import os
 import re
 from pathlib import Path
 
-import gen_dicom
 import pytest
-from conftest import Archive, MotoServer, files_under, sha256_file, wait_for
 
 from animfs import chunks
 from animfs.index import Index
 from animfs.manifest import Manifest
 from animfs.store.local import LocalStore
+
+import gen_dicom
+from conftest import Archive, MotoServer, files_under, sha256_file, wait_for
 
 PREFIX = "archive"
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import lmdb
 import pydicom
 import pytest
-from conftest import Archive, files_under, sha256_file
 
-import gen_dicom
 from animfs import index as index_mod
 from animfs.dicom import NAME_MAX, safe_name, unique_name
+
+import gen_dicom
+from conftest import Archive, files_under, sha256_file
 
 
 def mount_files(root: Path) -> dict[str, Path]:
@@ -173,7 +174,7 @@ def test_names_are_safe_unique_and_patients_stay_apart(archive: Archive, tmp_pat
         assert "HOSP-A-100_Same^A" in patients and "HOSP-B-100_Same^B" in patients
         assert "HOSP-A-S4_Müller^Jürgen" in patients
         assert "HOSP-A-S5_山田^太郎" in patients
-        for dirpath, dirs, files in os.walk(m.path):
+        for _dirpath, dirs, files in os.walk(m.path):
             for name in dirs + files:
                 raw = name.encode()
                 assert 0 < len(raw) <= NAME_MAX

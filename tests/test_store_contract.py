@@ -18,13 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import MotoServer, free_port
 
 from animfs.config import SiteConfig
 from animfs.store import open_site
 from animfs.store.base import ObjectNotFound, ObjectStore, SiteUnavailable
 from animfs.store.local import LocalStore
 from animfs.store.s3 import S3Store
+
+from conftest import MotoServer, free_port
 
 KINDS = ["local", "s3"] + (["s3-env"] if os.environ.get("ANIMFS_TEST_S3_ENDPOINT") else [])
 
