@@ -1,14 +1,20 @@
-"""Chunks on their way to readers: a memory LRU of plain chunks, single-flight fetches
-and read-ahead.
+"""Chunks on their way to readers: a memory LRU of plain chunks, the disk cache of
+stored chunks (:mod:`animfs.diskcache`), single-flight fetches and read-ahead.
 
 Everything here runs on the trio thread except :meth:`ChunkCache._fetch_sync`,
-which does the blocking work (site I/O, zstd, SHA-256) in a worker thread under
-a capacity limiter.  Two readers that need the same chunk share one fetch.
+which does the blocking work (disk cache, site I/O, zstd, SHA-256) in a worker
+thread under a capacity limiter.  Two readers that need the same chunk share
+one fetch.
+
+Backup reads (``bypass=True``) stream past both caches: they are served from
+what is cached but promote nothing, fill nothing and evict nothing.  What read-
+ahead fetches for them waits in a small stream buffer of its own until read.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +23,7 @@ import trio
 
 from animfs import chunks
 from animfs.chunks import ChunkRef, CorruptChunk
+from animfs.diskcache import DiskCache, save_stats
 from animfs.store.base import CorruptObject
 from animfs.store.dual import DualStore, NoGoodCopy
 
@@ -24,6 +31,8 @@ log = logging.getLogger(__name__)
 
 FETCH_THREADS = 4  # concurrent chunk fetches (site I/O + decompression)
 READ_AHEAD = 8  # chunks fetched ahead of a sequential reader (32 MiB)
+STREAM_BYTES = 64 << 20  # backup read-ahead waiting to be read (not in the memory LRU)
+HOUSEKEEPING_SECONDS = 5.0  # how often the disk cache's stats are saved and the folder watched
 
 
 class ChunkUnavailable(Exception):
@@ -32,6 +41,7 @@ class ChunkUnavailable(Exception):
 
 @dataclass
 class _Flight:
+    bypass: bool = False  # a backup read: keep the result out of both caches
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
@@ -43,49 +53,107 @@ class CacheStats:
     fetches: int = 0
     fetched_bytes: int = 0
     errors: int = 0
+    streamed: int = 0  # chunks read for the backup role
+
+
+def check_stored(ref: ChunkRef, stored: bytes) -> bytes:
+    """The plain bytes of a chunk as a site (or the disk cache) stores it; raises
+    CorruptObject for a copy that does not decompress or match its id."""
+    try:
+        return chunks.unseal(ref.id, stored, ref.size)
+    except CorruptChunk as exc:
+        raise CorruptObject("", chunks.chunk_key(ref.id), str(exc)) from exc
 
 
 class ChunkCache:
-    def __init__(self, store: DualStore, *, memory_bytes: int, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        store: DualStore,
+        *,
+        memory_bytes: int,
+        nursery: trio.Nursery,
+        disk: DiskCache | None = None,
+    ) -> None:
+        """With ``disk``, chunks are looked up there before the sites, and kept there;
+        its bookkeeping is loaded from the folder in the background (reads meanwhile
+        find entries by name), and its stats are saved every few seconds."""
         self.store = store
         self.memory_bytes = memory_bytes
         self.nursery = nursery
+        self.disk = disk
         self.limiter = trio.CapacityLimiter(FETCH_THREADS)
         self.stats = CacheStats()
         self._lru: OrderedDict[str, bytes] = OrderedDict()
         self._lru_bytes = 0
+        self._stream: OrderedDict[str, bytes] = OrderedDict()  # backup read-ahead
+        self._stream_bytes = 0
         self._flights: dict[str, _Flight] = {}
+        self._started = time.time()
+        if disk is not None:
+            nursery.start_soon(self._keep_disk, disk)
 
-    async def get(self, ref: ChunkRef) -> bytes:
-        """The plain bytes of a chunk.  Raises :class:`ChunkUnavailable`."""
+    def stats_dict(self) -> dict[str, object]:
+        """Memory LRU and disk cache figures, for ``/.animfs/status``."""
+        s = self.stats
+        return {
+            "memory": {
+                "max_bytes": self.memory_bytes,
+                "bytes": self._lru_bytes,
+                "chunks": len(self._lru),
+                "hits": s.memory_hits,
+                "fetches": s.fetches,
+                "fetched_bytes": s.fetched_bytes,
+                "errors": s.errors,
+                "streamed": s.streamed,
+                "in_flight": len(self._flights),
+            },
+            "disk": self.disk.stats() if self.disk is not None else None,
+        }
+
+    async def get(self, ref: ChunkRef, *, bypass: bool = False) -> bytes:
+        """The plain bytes of a chunk.  Raises :class:`ChunkUnavailable`.
+
+        ``bypass`` (backup reads): use what is cached, change nothing cached."""
         data = self._lru.get(ref.id)
         if data is not None:
-            self._lru.move_to_end(ref.id)
+            if not bypass:
+                self._lru.move_to_end(ref.id)
             self.stats.memory_hits += 1
             return data
+        if bypass:
+            self.stats.streamed += 1
+            data = self._stream.pop(ref.id, None)
+            if data is not None:
+                self._stream_bytes -= len(data)
+                return data
         flight = self._flights.get(ref.id)
         if flight is None:
-            flight = self._start(ref)
+            flight = self._start(ref, bypass)
         await flight.done.wait()
         if flight.error is not None:
             raise ChunkUnavailable(str(flight.error)) from flight.error
         assert flight.data is not None
+        if flight.bypass and ref.id in self._stream:  # read-ahead we now read: done with it
+            self._stream_bytes -= len(self._stream.pop(ref.id))
         return flight.data
 
-    def prefetch(self, refs: Sequence[ChunkRef]) -> None:
+    def prefetch(self, refs: Sequence[ChunkRef], *, bypass: bool = False) -> None:
         """Start fetching chunks that are neither cached nor on their way; returns at once."""
         for ref in refs:
             if ref.id not in self._lru and ref.id not in self._flights:
-                self._start(ref)
+                if not (bypass and ref.id in self._stream):
+                    self._start(ref, bypass)
 
-    def _start(self, ref: ChunkRef) -> _Flight:
-        flight = self._flights[ref.id] = _Flight()
+    def _start(self, ref: ChunkRef, bypass: bool = False) -> _Flight:
+        flight = self._flights[ref.id] = _Flight(bypass)
         self.nursery.start_soon(self._fetch, ref, flight)
         return flight
 
     async def _fetch(self, ref: ChunkRef, flight: _Flight) -> None:
         try:
-            data = await trio.to_thread.run_sync(self._fetch_sync, ref, limiter=self.limiter)
+            data = await trio.to_thread.run_sync(
+                self._fetch_sync, ref, flight.bypass, limiter=self.limiter
+            )
         except NoGoodCopy as exc:
             log.error("chunk %s: %s", ref.id[:16], exc)
             self.stats.errors += 1
@@ -96,22 +164,61 @@ class ChunkCache:
             flight.error = exc
         else:
             flight.data = data
-            self._remember(ref.id, data)
+            if flight.bypass:
+                self._hold(ref.id, data)
+            else:
+                self._remember(ref.id, data)
             self.stats.fetches += 1
             self.stats.fetched_bytes += len(data)
         finally:
             del self._flights[ref.id]
             flight.done.set()
 
-    def _fetch_sync(self, ref: ChunkRef) -> bytes:
+    def _fetch_sync(self, ref: ChunkRef, bypass: bool) -> bytes:
         def check(stored: bytes) -> bytes:
-            try:
-                return chunks.unseal(ref.id, stored, ref.size)
-            except CorruptChunk as exc:
-                raise CorruptObject("", chunks.chunk_key(ref.id), str(exc)) from exc
+            return check_stored(ref, stored)
 
-        data, _site = self.store.read(chunks.chunk_key(ref.id), check)
+        if self.disk is not None:
+            cached = self.disk.get(ref.id, check, promote=not bypass)
+            if cached is not None:
+                return cached
+        (data, stored), _site = self.store.read(
+            chunks.chunk_key(ref.id), lambda stored: (check(stored), stored)
+        )
+        if self.disk is not None and not bypass:
+            self.disk.put(ref.id, stored)
         return data
+
+    def _hold(self, chunk_id: str, data: bytes) -> None:
+        """Keep a backup read-ahead chunk until it is read (or pushed out by newer ones)."""
+        self._stream[chunk_id] = data
+        self._stream_bytes += len(data)
+        while self._stream_bytes > STREAM_BYTES and len(self._stream) > 1:
+            _, old = self._stream.popitem(last=False)
+            self._stream_bytes -= len(old)
+
+    async def _keep_disk(self, disk: DiskCache) -> None:
+        """Load the disk cache's state, then save its stats every few seconds and re-read
+        the folder when ``animfs cache clear|prefetch`` changed it."""
+        limiter = trio.CapacityLimiter(1)
+        seen = disk.marker_mtime()
+        saved: dict[str, object] | None = None
+        try:
+            await trio.to_thread.run_sync(disk.load, limiter=limiter)
+            log.info("disk cache %s: %s", disk.dir, _brief(disk.stats()))
+            while True:
+                stats = disk.stats()
+                if stats != saved:
+                    await trio.to_thread.run_sync(save_stats, disk, limiter=limiter)
+                    saved = stats
+                await trio.sleep(HOUSEKEEPING_SECONDS)
+                changed = await trio.to_thread.run_sync(disk.marker_mtime, limiter=limiter)
+                if changed != seen:
+                    seen = changed
+                    await trio.to_thread.run_sync(disk.load, limiter=limiter)
+        finally:
+            with trio.CancelScope(shield=True):  # the last counters, at unmount
+                await trio.to_thread.run_sync(save_stats, disk, limiter=limiter)
 
     def _remember(self, chunk_id: str, data: bytes) -> None:
         if len(data) > self.memory_bytes:
@@ -121,3 +228,14 @@ class ChunkCache:
         while self._lru_bytes > self.memory_bytes:
             _, old = self._lru.popitem(last=False)
             self._lru_bytes -= len(old)
+
+    def holds(self, chunk_id: str) -> bool:
+        """Is the chunk here, in memory or on the local disk?  Never fetches (it answers
+        the ``user.animfs.cached`` attribute); at most a stat of the disk entry."""
+        if chunk_id in self._lru:
+            return True
+        return self.disk is not None and self.disk.contains(chunk_id)
+
+
+def _brief(stats: dict[str, object]) -> str:
+    return f"{stats['entries']} entries, {stats['bytes']} of {stats['max_bytes']} bytes"

@@ -157,11 +157,69 @@ def cmd_status(args: argparse.Namespace) -> int:
                 entry.update(state="down", last_error=exc.reason, objects=None, bytes=None)
             sites[site.name] = entry
         status = {"config": str(config.path), "index": index.counts(), "sites": sites}
+        status["cache"] = _cache_report(config)
     finally:
         store.close()
         index.close()
     print(json.dumps(status, indent=2))
     return 0
+
+
+def _cache_report(config: Config) -> dict[str, Any]:
+    from animfs.diskcache import report
+
+    try:
+        return report(config.cache_dir, config.cache_max_bytes)
+    except OSError as exc:
+        raise Failure(f"{config.cache_dir}: cannot read the cache folder: {exc.strerror}") from None
+
+
+def cmd_cache_stats(args: argparse.Namespace) -> int:
+    print(json.dumps(_cache_report(_load(args)), indent=2))
+    return 0
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    from animfs.diskcache import DiskCache
+
+    config = _load(args)
+    entries, size = DiskCache(config.cache_dir, config.cache_max_bytes).clear()
+    print(f"cache: deleted {entries} entries, {size / 1e6:.1f} MB, from {config.cache_dir}")
+    return 0
+
+
+def cmd_cache_prefetch(args: argparse.Namespace) -> int:
+    from animfs import warm
+    from animfs.cache import check_stored
+    from animfs.diskcache import DiskCache
+
+    config = _load(args)
+    index, store = _open_archive(config)
+    try:
+        path = warm.archive_path(args.path)
+        try:
+            node = warm.resolve(index, path)
+        except warm.NotInArchive as exc:
+            raise Failure(str(exc)) from None
+        disk = DiskCache(config.cache_dir, config.cache_max_bytes)
+        progress = Progress("prefetch")
+
+        def problem(text: str) -> None:
+            progress.close()
+            print(f"animfs: {text}", file=sys.stderr)
+
+        check = check_stored
+        try:
+            done = warm.prefetch(
+                index, store, disk, node, step=progress.step, problem=problem, check=check
+            )
+        finally:
+            progress.close()
+    finally:
+        store.close()
+        index.close()
+    print(f"{path}: {done.line()}")
+    return 1 if done.failed else 0
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -365,7 +423,18 @@ def parser() -> argparse.ArgumentParser:
     c = add("umount", cmd_umount, "unmount a mounted archive")
     c.add_argument("mountpoint")
     _add_access_commands(sub)
-    add("status", cmd_status, "sites, index and repair state as JSON")
+    add("status", cmd_status, "sites, index, repair and cache state as JSON")
+    cache = sub.add_parser("cache", help="the local disk cache of chunks").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    for name, fn, help_ in (
+        ("stats", cmd_cache_stats, "use and hit counters of the disk cache, as JSON"),
+        ("clear", cmd_cache_clear, "delete every cached chunk (safe while mounted)"),
+        ("prefetch", cmd_cache_prefetch, "fetch a study or series into the cache ahead of use"),
+    ):
+        c = cache.add_parser(name, help=help_, description=help_)
+        c.set_defaults(fn=fn)
+    c.add_argument("path", help="a folder inside a mount, or its path from the mount root")
     add("repair", cmd_repair, "copy every journalled object to the site that lacks it")
     c = add("verify", cmd_verify, "check that every referenced object is at every site")
     c.add_argument("--site", help="check only this site")

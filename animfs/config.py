@@ -59,6 +59,7 @@ class Config:
     institutions: Mapping[str, str] = field(default_factory=dict)
     users: Mapping[int, User] = field(default_factory=dict)
     repair_interval: float = 300.0  # seconds between the mount's background repair passes
+    series_prefetch: int = 8  # following files of a folder fetched when one is opened; 0: off
 
     def site(self, name: str) -> SiteConfig:
         for site in self.sites:
@@ -160,7 +161,15 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         institutions=_institutions(top.table("institutions", required=False)),
         users=_users(top.table("users", required=False)),
         repair_interval=float(replication.positive("repair_interval", 300)),
+        series_prefetch=_non_negative(cache, "series_prefetch", 8),
     )
+
+
+def _non_negative(table: _Table, name: str, default: int) -> int:
+    value: int = table.get(name, int, default)
+    if value < 0:
+        raise table.error(name, f"must be 0 or more, not {value}")
+    return value
 
 
 def _sites(path: Path, raw: list[Any]) -> tuple[SiteConfig, ...]:
@@ -223,6 +232,7 @@ path = "{dir}/index"                  # LMDB environment folder
 dir = "{dir}/cache"
 max_bytes = 10_000_000_000            # disk cache cap
 memory_bytes = 268_435_456            # decompressed-chunk LRU
+series_prefetch = 8                   # files fetched ahead when one of a folder is opened
 
 [replication]
 min_sites = 1                         # sites that must hold a write before it is acknowledged

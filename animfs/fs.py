@@ -66,6 +66,7 @@ class OpenFile:
     node: Node
     chunks: tuple[ChunkRef, ...]
     next_offset: int = 0  # where a sequential reader reads next
+    bypass: bool = False  # a backup read: streams past the caches
 
 
 @dataclass
@@ -88,9 +89,11 @@ class Operations(pyfuse3.Operations):
         *,
         users: Mapping[int, User] | None = None,
         audit_log: audit.GroupCommit | None = None,
+        series_ahead: int = SERIES_AHEAD,
     ) -> None:
         """With ``users`` (the config's [users]) access control is on and every open is
-        decided and written to ``audit_log``; without, everyone may open everything."""
+        decided and written to ``audit_log``; without, everyone may open everything.
+        Opening a file prefetches the ``series_ahead`` files after it (0: none)."""
         super().__init__()
         self.index = index
         self.cache = cache
@@ -101,7 +104,10 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
-        self._prefetched: OrderedDict[int, None] = OrderedDict()  # inodes already prefetched
+        self.series_ahead = series_ahead
+        # (inode, bypass) already prefetched: backup prefetches must not stop a
+        # clinician's open from warming the caches
+        self._prefetched: OrderedDict[tuple[int, bool], None] = OrderedDict()
 
     # -- attributes ------------------------------------------------------------------
 
@@ -256,24 +262,26 @@ class Operations(pyfuse3.Operations):
         if self.guard.enforced:
             await self._authorize(node, manifest, ctx)
         fh = self._new_fh()
-        self._files[fh] = OpenFile(node, manifest.chunks)
-        self._prefetch_following(node)
+        bypass = self.guard.streams_past_cache(ctx.uid)
+        self._files[fh] = OpenFile(node, manifest.chunks, bypass=bypass)
+        if self.series_ahead:
+            self._prefetch_following(node, bypass)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    def _prefetch_following(self, node: Node) -> None:
+    def _prefetch_following(self, node: Node, bypass: bool) -> None:
         """Start fetching the next files of the folder, in listing order: viewers,
         converters and backups read a series one file after another, and each file
         of a series is typically a chunk or less, so waiting for each in turn would
         cost a site round trip per file."""
-        for sibling in self.index.entries(node.parent, node.name, SERIES_AHEAD):
-            if sibling.kind != FILE or sibling.ino in self._prefetched:
+        for sibling in self.index.entries(node.parent, node.name, self.series_ahead):
+            if sibling.kind != FILE or (sibling.ino, bypass) in self._prefetched:
                 continue
-            self._prefetched[sibling.ino] = None
+            self._prefetched[sibling.ino, bypass] = None
             if len(self._prefetched) > PREFETCHED_MEMORY:
                 self._prefetched.popitem(last=False)
             manifest = self.index.manifest(sibling.instance)
             if manifest is not None:
-                self.cache.prefetch(manifest.chunks[:SERIES_CHUNKS])
+                self.cache.prefetch(manifest.chunks[:SERIES_CHUNKS], bypass=bypass)
 
     async def _authorize(self, node: Node, manifest: Manifest, ctx: pyfuse3.RequestContext) -> None:
         """Decide an open and write its audit line; a granted open returns once the line
@@ -307,12 +315,12 @@ class Operations(pyfuse3.Operations):
             return b""
         first, last = off // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
         if off == f.next_offset or off == 0:
-            self.cache.prefetch(f.chunks[last + 1 : last + 1 + READ_AHEAD])
+            self.cache.prefetch(f.chunks[last + 1 : last + 1 + READ_AHEAD], bypass=f.bypass)
         f.next_offset = end
         parts = []
         try:
             for i in range(first, last + 1):
-                data = await self.cache.get(f.chunks[i])
+                data = await self.cache.get(f.chunks[i], bypass=f.bypass)
                 start = off - i * CHUNK_SIZE if i == first else 0
                 stop = end - i * CHUNK_SIZE if i == last else len(data)
                 parts.append(data[start:stop] if (start, stop) != (0, len(data)) else data)

@@ -62,6 +62,12 @@ class Guard:
     def user(self, uid: int) -> User | None:
         return self.users.get(uid)
 
+    def streams_past_cache(self, uid: int) -> bool:
+        """Do ``uid``'s reads bypass the caches?  The backup role's do: it reads
+        everything once, and must not push out what clinicians will read again."""
+        user = self.users.get(uid)
+        return user is not None and user.role == "backup"
+
     # -- opens ---------------------------------------------------------------------------
 
     def decide_open(self, uid: int, manifest: Manifest) -> tuple[User | None, Study, Decision]:

@@ -28,6 +28,7 @@ from animfs import fs, repair
 from animfs.audit import AuditFile, AuditUnavailable, GroupCommit
 from animfs.cache import ChunkCache
 from animfs.config import Config
+from animfs.diskcache import DiskCache
 from animfs.index import Index
 from animfs.store import open_site
 from animfs.store.dual import DualStore, Missed
@@ -182,9 +183,16 @@ async def _serve(
     audit_file: AuditFile | None = None,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        cache = ChunkCache(store, memory_bytes=config.memory_bytes, nursery=nursery)
+        disk = DiskCache(config.cache_dir, config.cache_max_bytes)
+        cache = ChunkCache(store, memory_bytes=config.memory_bytes, nursery=nursery, disk=disk)
         audit_log = GroupCommit(audit_file, nursery) if audit_file is not None else None
-        operations = fs.Operations(index, cache, users=config.users, audit_log=audit_log)
+        operations = fs.Operations(
+            index,
+            cache,
+            users=config.users,
+            audit_log=audit_log,
+            series_ahead=config.series_prefetch,
+        )
         options = set(pyfuse3.default_options)
         options |= {"fsname=animfs", "subtype=animfs", "ro", "allow_other"}
         pyfuse3.init(operations, str(mountpoint), options)

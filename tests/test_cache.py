@@ -1,0 +1,289 @@
+"""Layer 3: the disk cache, read-ahead and backup bypass, through real mounts.
+
+The data: one multi-chunk instance (reads across chunk boundaries) and a small
+series (many one-chunk files).  The cap is set to a fraction of what is stored,
+so reading everything once is several times the cap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_access_mount import BACKUP, USERS, as_uid
+
+from animfs.chunks import CHUNK_SIZE
+
+from conftest import Archive, files_under, gen_dicom, sha256_file
+
+CLINICIAN = 1001  # dr.muller at CHL, from test_access_mount.USERS
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cache-data")
+    root.chmod(0o755)
+    gen_dicom.write_large_instance(root / "large" / "big.dcm", size_mb=13, patient_id="P100",
+                                   patient_name="Muller^Anna", institution_name="CHL", seed=5)
+    gen_dicom.write_series(root / "series", patient_id="P100", patient_name="Muller^Anna",
+                           n_slices=24, rows=128, cols=128, series_number=2, modality="CT",
+                           study_description="CT", series_description="Axial",
+                           institution_name="CHL", seed=6)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root
+
+
+def set_cache_keys(archive: Archive, **keys: int) -> None:
+    """Rewrite keys of the [cache] table written by 'animfs init'."""
+    text = archive.config.read_text()
+    for key, value in keys.items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        if not n:
+            text = text.replace("[cache]\n", f"[cache]\n{key} = {value}\n", 1)
+    archive.config.write_text(text)
+
+
+def stored_chunks(archive: Archive) -> list[Path]:
+    return [p for p in (archive.dir / "site-a" / "chunks").rglob("*") if p.is_file()]
+
+
+def cache_entries(archive: Archive) -> dict[str, bytes]:
+    """Every cache entry: name -> sha256 of its content, and its mtime (so a touch shows)."""
+    out = {}
+    for path in (archive.dir / "cache" / "chunks").rglob("*"):
+        if path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).digest()
+            out[path.name] = digest + path.stat().st_mtime_ns.to_bytes(8, "big")
+    return out
+
+
+def settled_cache(archive: Archive) -> dict[str, bytes]:
+    """The cache entries once they stop changing (bounded wait)."""
+    deadline = time.monotonic() + 20
+    last = cache_entries(archive)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cache_entries(archive)
+        if now == last:
+            return now
+        last = now
+    raise TimeoutError("the cache kept changing for 20 s")
+
+
+def cache_bytes(archive: Archive) -> int:
+    """Bytes under the cache folder's entries and temporary entries."""
+    root = archive.dir / "cache"
+    return sum(p.stat().st_size for sub in ("chunks", "tmp") for p in (root / sub).rglob("*")
+               if p.is_file())
+
+
+def originals_by_name(sources: Path) -> dict[int, str]:
+    """sha256 of each original, by size (the generated files all differ in size or content)."""
+    return {p.stat().st_size: sha256_file(p) for p in files_under(sources)}
+
+
+def served(mount_root: Path) -> list[Path]:
+    return files_under(mount_root / "patients")
+
+
+def read_all_checked(mount_root: Path, sources: Path) -> int:
+    """Read every file of the mount, checking it against its original; returns the count."""
+    by_sha = {sha256_file(p) for p in files_under(sources)}
+    files = served(mount_root)
+    for path in files:
+        assert sha256_file(path) in by_sha, path
+    assert len(files) == len(by_sha)
+    return len(files)
+
+
+def drop_page_cache(paths: list[Path]) -> None:
+    """Forget the kernel's cached pages of these files, so reads reach the mount again."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cache_stats(archive: Archive) -> dict[str, Any]:
+    return dict(json.loads(archive.run("cache", "stats").stdout))
+
+
+def test_cache_stays_under_its_cap_and_is_reused_after_remount(
+    archive: Archive, sources: Path
+) -> None:
+    archive.ingest(sources)
+    stored = stored_chunks(archive)
+    total = sum(p.stat().st_size for p in stored)
+    cap = max(total // 4, max(p.stat().st_size for p in stored))
+    set_cache_keys(archive, max_bytes=cap)
+    with archive.mounted() as m:
+        files = served(m.path)
+        for _round in range(3):  # 3 x everything = about 12 x the cap
+            for path in files:
+                sha256_file(path)
+                assert cache_bytes(archive) <= cap
+            drop_page_cache(files)
+        read_all_checked(m.path, sources)
+    stats = cache_stats(archive)
+    assert 0 < int(stats["bytes"]) <= cap
+    assert int(stats["evictions"]) > 0 and int(stats["fills"]) > 0
+    assert cache_bytes(archive) <= cap
+
+    # Raise the cap, warm everything, take the sites' chunks away: a fresh mount reads
+    # every byte from the cache folder alone.
+    set_cache_keys(archive, max_bytes=total * 2)
+    with archive.mounted() as m:
+        read_all_checked(m.path, sources)
+    assert len(cache_entries(archive)) == len(stored)
+    for site in ("site-a", "site-b"):
+        shutil.rmtree(archive.dir / site / "chunks")
+    with archive.mounted() as m:
+        assert read_all_checked(m.path, sources) == len(files_under(sources))
+    stats = cache_stats(archive)
+    assert stats["misses"] == 0 and int(stats["hits"]) >= len(stored)
+
+
+def test_damaged_cache_entry_is_dropped_and_fetched_again(archive: Archive, sources: Path) -> None:
+    archive.ingest(sources / "large")
+    with archive.mounted() as m:
+        read_all_checked(m.path, sources / "large")
+    entries = sorted((archive.dir / "cache" / "chunks").rglob("*"))
+    entries = [p for p in entries if p.is_file()]
+    assert len(entries) == len(stored_chunks(archive)) >= 3
+    flipped, truncated = entries[0], entries[1]
+    good = {p.name: p.read_bytes() for p in (flipped, truncated)}
+    data = bytearray(good[flipped.name])
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(good[truncated.name][: len(good[truncated.name]) // 2])
+    with archive.mounted() as m:
+        read_all_checked(m.path, sources / "large")
+    assert flipped.read_bytes() == good[flipped.name]  # fetched again and kept, whole
+    assert truncated.read_bytes() == good[truncated.name]
+    stats = cache_stats(archive)
+    assert stats["corrupt_dropped"] == 2
+    assert stats["misses"] == 2
+
+
+# Runs as another uid: the files below a folder (only the first LIMIT of folders named
+# PREFIX*, if given), each read with the page cache dropped first, so every read reaches
+# the mount; prints "sha256 relative-path" lines.
+_READ_COLD = """
+import hashlib, os, sys
+root, prefix, limit = sys.argv[1], *sys.argv[2:4]
+for top, dirs, files in os.walk(root):
+    dirs.sort()
+    if prefix and not os.path.basename(top).startswith(prefix):
+        continue
+    for name in sorted(files)[: int(limit) if limit else None]:
+        path = os.path.join(top, name)
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with os.fdopen(fd, "rb") as f:
+            print(hashlib.sha256(f.read()).hexdigest(), os.path.relpath(path, root))
+"""
+
+
+def read_cold_as(uid: int, root: Path, prefix: str = "", limit: int = 0) -> dict[str, str]:
+    result = as_uid(uid, sys.executable, "-c", _READ_COLD, str(root), prefix, str(limit or ""))
+    assert result.returncode == 0, result.stderr
+    lines = (line.split(" ", 1) for line in result.stdout.splitlines())
+    return {rel: digest for digest, rel in lines}
+
+
+def test_backup_reads_leave_the_cache_unchanged(archive: Archive, sources: Path) -> None:
+    archive.append_config(USERS)
+    archive.ingest(sources, extra=["--institution", "CHL"])
+    total = sum(p.stat().st_size for p in stored_chunks(archive))
+    # No memory LRU to speak of, so that backup reads of the hot set reach the disk cache.
+    set_cache_keys(archive, max_bytes=total // 2, memory_bytes=1)
+    originals = {sha256_file(p) for p in files_under(sources)}
+    with archive.mounted() as m:
+        # The hot set: a clinician reads half of the series.
+        hot = read_cold_as(CLINICIAN, m.path / "patients", "002_", 12)
+        assert len(hot) == 12 and set(hot.values()) <= originals
+        before = settled_cache(archive)  # the series prefetch of the last opens lands
+        assert before
+        # The backup reads everything, twice (the cache could hold only half of it).
+        for _round in range(2):
+            seen = read_cold_as(BACKUP, m.path / "patients")
+            assert sorted(seen.values()) == sorted(originals)
+        assert cache_entries(archive) == before
+    stats = cache_stats(archive)
+    assert int(stats["bypass_hits"]) > 0 and int(stats["bypass_misses"]) > 0
+    assert stats["evictions"] == 0
+
+
+def test_cache_prefetch_warms_a_study_with_and_without_a_mount(
+    archive: Archive, sources: Path
+) -> None:
+    archive.ingest(sources)
+    with archive.mounted() as m:
+        series = next(p for p in (m.path / "patients").glob("*/*/002_*"))
+        large = next(p for p in (m.path / "patients").glob("*/*/001_*"))
+        # Inside a mount: the mount point is taken off.
+        out = archive.run("cache", "prefetch", str(series)).stdout
+        assert "24 files" in out and "0 failed" in out, out
+        relative_large = "/" + str(large.relative_to(m.path))
+    assert len(cache_entries(archive)) == 24
+    # No mount: a path from the mount root; an unknown one is one clear line.
+    out = archive.run("cache", "prefetch", relative_large).stdout
+    assert "1 files" in out, out
+    bad = archive.run("cache", "prefetch", "patients/nobody", check=False)
+    assert bad.returncode == 2 and "no 'nobody' in the archive" in bad.stderr
+    n = len(stored_chunks(archive))
+    assert len(cache_entries(archive)) == n
+    for site in ("site-a", "site-b"):
+        shutil.rmtree(archive.dir / site / "chunks")
+    with archive.mounted() as m:
+        read_all_checked(m.path, sources)
+    cleared = archive.run("cache", "clear").stdout
+    assert f"deleted {n} entries" in cleared, cleared
+    assert cache_entries(archive) == {}
+    status = json.loads(archive.run("status").stdout)
+    assert status["cache"]["entries"] == 0 and status["cache"]["bytes"] == 0
+
+
+def test_reads_of_any_size_and_offset_match_the_original(archive: Archive, sources: Path) -> None:
+    archive.ingest(sources / "large")
+    original = (sources / "large" / "big.dcm").read_bytes()
+    size = len(original)
+    assert size > 3 * CHUNK_SIZE
+    with archive.mounted() as m:
+        (path,) = served(m.path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            def check(offset: int, length: int) -> None:
+                assert os.pread(fd, length, offset) == original[offset : offset + length]
+
+            for boundary in (CHUNK_SIZE, 2 * CHUNK_SIZE, 3 * CHUNK_SIZE):
+                for offset, length in ((boundary - 1, 1), (boundary, 1), (boundary - 1, 2),
+                                       (boundary - 5000, 9000),
+                                       (boundary - CHUNK_SIZE, CHUNK_SIZE + 1)):
+                    check(offset, length)
+            for offset, length in ((0, 1), (0, size), (size - 1, 1), (size - 1, 10), (size, 1),
+                                   (size + 12345, 100), (1, 3 * CHUNK_SIZE)):
+                check(offset, length)
+
+            @settings(max_examples=150, deadline=None,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture])
+            @given(st.integers(0, size + 100), st.integers(1, 2 * CHUNK_SIZE + 3))
+            def any_read(offset: int, length: int) -> None:
+                check(offset, length)
+
+            any_read()
+        finally:
+            os.close(fd)
