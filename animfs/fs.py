@@ -12,12 +12,15 @@ the page cache between opens.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
+import json
 import logging
 import os
 import stat
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -26,10 +29,10 @@ import pyfuse3
 
 from animfs import audit
 from animfs.cache import READ_AHEAD, ChunkCache, ChunkUnavailable
-from animfs.chunks import CHUNK_SIZE, ChunkRef
+from animfs.chunks import CHUNK_SIZE, ChunkRef, chunk_key
 from animfs.config import User
 from animfs.guard import Guard
-from animfs.index import DIR, FILE, ROOT_INO, Index, Node
+from animfs.index import DIR, FILE, ROOT_INO, STATUS_INO, Index, Node
 from animfs.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,41 @@ class OpenFile:
 
 
 @dataclass
+class Counters:
+    """What this mount has done since it started, for ``/.animfs/status``."""
+
+    opens: int = 0  # files opened (allowed)
+    denials: int = 0  # opens refused by the access rules
+    read_bytes: int = 0  # bytes returned to readers
+    read_errors: int = 0  # reads answered with EIO
+
+
+# Extended attributes of a file: name -> field of its Instance.
+DICOM_XATTRS = {
+    b"user.dicom.PatientID": "patient_id",
+    b"user.dicom.PatientName": "patient_name",
+    b"user.dicom.StudyInstanceUID": "study_uid",
+    b"user.dicom.SeriesInstanceUID": "series_uid",
+    b"user.dicom.SOPInstanceUID": "sop_uid",
+    b"user.dicom.SOPClassUID": "sop_class_uid",
+    b"user.dicom.Modality": "modality",
+    b"user.dicom.StudyDate": "study_date",
+    b"user.dicom.InstitutionName": "institution_name",
+    b"user.dicom.TransferSyntaxUID": "transfer_syntax",
+}
+ANIMFS_FILE_XATTRS = (
+    b"user.animfs.sha256",
+    b"user.animfs.institution",
+    b"user.animfs.chunks",
+    b"user.animfs.stored_bytes",
+    b"user.animfs.sites",
+    b"user.animfs.cached",
+)
+FILE_XATTRS = (*DICOM_XATTRS, *ANIMFS_FILE_XATTRS)
+DIR_XATTRS = (b"user.animfs.subdirs", b"user.animfs.files", b"user.animfs.bytes")
+
+
+@dataclass
 class OpenDir:
     ino: int
     resume_id: int = 0  # readdir offset of the last entry sent ...
@@ -104,6 +142,9 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
+        self._status: dict[int, bytes] = {}  # open /.animfs/status: its content at open
+        self.counters = Counters()
+        self.started = time.time()
         self.series_ahead = series_ahead
         # (inode, bypass) already prefetched: backup prefetches must not stop a
         # clinician's open from warming the caches
@@ -255,6 +296,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if node.kind != FILE:
             raise pyfuse3.FUSEError(errno.ELOOP)
+        if inode == STATUS_INO:
+            return self._open_status(ctx)
+        self.counters.opens += 1  # asked for; denials are counted among them
         manifest = self.index.manifest(node.instance)
         if manifest is None:
             log.error("inode %d: instance record missing from the index", inode)
@@ -305,10 +349,13 @@ class Operations(pyfuse3.Operations):
             log.error("%s; refusing the open of inode %d", exc, node.ino)
             raise pyfuse3.FUSEError(errno.EIO) from None
         if not decision.allowed:
+            self.counters.denials += 1
             raise pyfuse3.FUSEError(errno.EACCES)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if fh in self._status:
+            return self._status[fh][off : off + size]
         f = self._files[fh]
         end = min(off + size, f.node.size)
         if off >= end:
@@ -326,12 +373,52 @@ class Operations(pyfuse3.Operations):
                 parts.append(data[start:stop] if (start, stop) != (0, len(data)) else data)
         except ChunkUnavailable as exc:
             log.error("read of inode %d at %d failed: %s", f.node.ino, off, exc)
+            self.counters.read_errors += 1
             raise pyfuse3.FUSEError(errno.EIO) from None
+        self.counters.read_bytes += end - off
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     @handler
     async def release(self, fh: int) -> None:
         self._files.pop(fh, None)
+        self._status.pop(fh, None)
+
+    # -- /.animfs/status -------------------------------------------------------------
+
+    def _open_status(self, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        """Open the status file: its content is made now and served from this handle.
+        direct_io, because it changes from one open to the next while its attributes
+        (size 0, like /proc, so tar and rsync copy it as empty) do not."""
+        if not self.guard.may_see(ctx.uid, self._node(STATUS_INO)):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        fh = self._new_fh()
+        doc = json.dumps(self.status(), indent=2, sort_keys=True) + "\n"
+        self._status[fh] = doc.encode()
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    def status(self) -> dict[str, Any]:
+        """Sites, cache and counters of this mount, and the index's figures; never
+        touches a site (what ``animfs status`` adds by listing each site is not here)."""
+        store = self.cache.store
+        pending = Counter(entry.site for entry in self.index.journal())
+        sites = {
+            name: {**state, "pending_repairs": pending.get(name, 0)}
+            for name, state in store.states().items()
+        }
+        return {
+            "pid": os.getpid(),
+            "started": self.started,
+            "time": time.time(),
+            "index": self.index.counts(),
+            "sites": sites,
+            "cache": self.cache.stats_dict(),
+            "counters": {
+                **dataclasses.asdict(self.counters),
+                "bytes_read_per_site": {n: s["bytes_read"] for n, s in sites.items()},
+                "site_errors": sum(e for s in sites.values() if isinstance(e := s["errors"], int)),
+                "open_files": len(self._files),
+            },
+        }
 
     async def flush(self, fh: int) -> None:
         # Nothing to flush on a read-only file system; ENOSYS makes the kernel stop
@@ -353,12 +440,62 @@ class Operations(pyfuse3.Operations):
         self._node(inode)
         return True
 
+    # -- extended attributes: from the index only, never a fetch, never an open ---------
+
+    def _visible(self, inode: int, ctx: pyfuse3.RequestContext) -> Node:
+        node = self._node(inode)
+        if not self.guard.may_see(ctx.uid, node):  # the values name the patient
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return node
+
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        self._node(inode)
+        node = self._visible(inode, ctx)
+        if node.kind == DIR:
+            return list(DIR_XATTRS)
+        if node.kind == FILE and node.instance:
+            return list(FILE_XATTRS)
         return []
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        self._node(inode)
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        node = self._visible(inode, ctx)
+        if node.kind == DIR and name in DIR_XATTRS:
+            value = {
+                b"user.animfs.subdirs": node.subdirs,
+                b"user.animfs.files": node.files,
+                b"user.animfs.bytes": node.bytes_below,
+            }[name]
+            return str(value).encode()
+        if node.kind != FILE or not node.instance or name not in FILE_XATTRS:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        manifest = self.index.manifest(node.instance)
+        if manifest is None:
+            log.error("inode %d: instance record missing from the index", inode)
+            raise pyfuse3.FUSEError(errno.EIO)
+        field = DICOM_XATTRS.get(name)
+        if field is not None:
+            return str(getattr(manifest.instance, field)).encode()
+        return self._animfs_xattr(name, manifest).encode()
+
+    def _animfs_xattr(self, name: bytes, manifest: Manifest) -> str:
+        if name == b"user.animfs.sha256":
+            return manifest.sha256
+        if name == b"user.animfs.institution":
+            return manifest.institution
+        if name == b"user.animfs.chunks":
+            return str(len(manifest.chunks))
+        if name == b"user.animfs.stored_bytes":
+            return str(sum(ref.stored for ref in manifest.chunks))
+        if name == b"user.animfs.sites":
+            # Good copies as far as the index knows: every site but those journalled
+            # as lacking one of the file's objects.
+            names = sorted(self.cache.store.states())
+            keys = [chunk_key(ref.id) for ref in manifest.chunks] + [manifest.object_key]
+            lacking = self.index.sites_lacking(names, keys)
+            return ",".join(n for n in names if n not in lacking)
+        assert name == b"user.animfs.cached"
+        if not manifest.chunks:
+            return "1"
+        held = sum(1 for ref in manifest.chunks if self.cache.holds(ref.id))
+        return f"{held / len(manifest.chunks):.3g}"

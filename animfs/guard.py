@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from animfs.access import Decision, decide_open, may_see
 from animfs.config import User
-from animfs.index import DIR, LINK, PATIENTS_INO, STUDIES_INO, Index, Node
+from animfs.index import DIR, LINK, PATIENTS_INO, STUDIES_INO, VIEWS, Index, Node
 from animfs.manifest import Manifest
 
 _MEMO_MAX = 1 << 17  # remembered node facts; cleared wholesale when full
@@ -85,8 +85,8 @@ class Guard:
 
         Unmapped uids see nothing; admins and backup everything; a clinician a
         patient folder when they may open at least one of its studies, and a
-        study (its folder, everything below it, its link under /studies) when
-        they may open it.
+        study (its folder, everything below it, its links under /studies and the
+        views) when they may open it.
         """
         if not self.enforced:
             return True
@@ -113,7 +113,18 @@ class Guard:
         if folder in (PATIENTS_INO, STUDIES_INO):
             return True
         node = self.index.node(folder)
-        return node is not None and node.parent == PATIENTS_INO
+        return node is not None and (node.parent == PATIENTS_INO or self._in_view(node))
+
+    def _in_view(self, node: Node) -> bool:
+        """Is ``node`` a folder of /by-date or /by-modality (whose leaves are study links)?"""
+        for _depth in range(4):
+            if node.ino in VIEWS:
+                return True
+            parent = self.index.node(node.parent)
+            if parent is None or parent.ino == node.ino:
+                return False
+            node = parent
+        return False
 
     def conceals_missing(self, uid: int, folder: int) -> bool:
         """Should a name missing from ``folder`` answer EACCES rather than ENOENT?
@@ -170,7 +181,7 @@ class Guard:
     def _place(self, node: Node) -> _Place:
         if node.ino in self._places:
             return self._places[node.ino]
-        if node.kind == LINK and node.parent == STUDIES_INO:
+        if node.kind == LINK:  # under /studies or a view
             place = self._link_place(node)
         else:
             # Walk up to /patients: the last two folders passed are the study and patient.
@@ -188,8 +199,11 @@ class Guard:
         return place
 
     def _link_place(self, link: Node) -> _Place:
-        # The target is "../patients/<patient>/<study>", as index.commit writes it.
+        # The target is "../patients/<patient>/<study>" (or with more "../" in the
+        # views), as index.commit writes it.
         parts = link.target.split(b"/")
+        while parts[:1] == [b".."] and parts[1:2] == [b".."]:
+            parts = parts[1:]
         if len(parts) != 4 or parts[:2] != [b"..", b"patients"]:
             return _NOWHERE
         patient = self.index.lookup(PATIENTS_INO, parts[2])

@@ -17,6 +17,10 @@ so that keys sort numerically, little-endian in values):
                  b"R\\0" SeriesInstanceUID       series folder
                  b"I\\0" SOPInstanceUID          instance file
                  b"L\\0" StudyInstanceUID        symlink under /studies
+                 b"Y\\0" YYYY | YYYY/MM | YYYY/MM/DD   folders under /by-date
+                 b"D\\0" StudyInstanceUID        symlink under /by-date/YYYY/MM/DD
+                 b"O\\0" MOD | MOD/YYYY | MOD/YYYY/MM  folders under /by-modality
+                 b"M\\0" MOD "\\0" StudyInstanceUID  symlink under /by-modality/MOD/YYYY/MM
 ``instances``  instance key (sha256 of SOPInstanceUID, 32 bytes) -> manifest JSON,
                byte-identical to ``manifests/<key hex>`` at the sites.
 ``chunks``     chunk id (32 raw bytes) -> stored size u64 | references u64.
@@ -29,6 +33,15 @@ so that keys sort numerically, little-endian in values):
 ``break_glass`` patient key + b"\\0" + uid (u32 BE) -> JSON {"uid", "granted", "until",
                "reason"}: the latest break-the-glass grant of that uid for that patient.
 ``meta``       b"format" -> b"1".
+
+The views ``/by-date/YYYY/MM/DD/`` and ``/by-modality/<MOD>/YYYY/MM/`` hold one
+symlink per study (per study and modality), named ``<patient folder>_<study
+folder>`` and pointing at ``../../../../patients/<patient>/<study>``; dates come
+from StudyDate (``0000/00/00`` when it is not 8 digits), so no folder of a view
+grows without bound.  They are added by :meth:`Index._commit_in` in the same
+transaction as the instance, and filled in for an index made before they existed
+when it is opened.  ``/.animfs/status`` is a fixed file node (no instance) whose
+content the mount makes at open.
 
 Inodes 1..65535 are reserved for the fixed and virtual entries (:data:`ROOT_INO`
 and friends).  Every other inode is derived from a hash of the identity, so
@@ -46,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -65,11 +79,20 @@ DIR, FILE, LINK = 1, 2, 3
 ROOT_INO = 1
 PATIENTS_INO = 2
 STUDIES_INO = 3
+BY_DATE_INO = 4
+BY_MODALITY_INO = 5
+CONTROL_INO = 6  # /.animfs
+STATUS_INO = 7  # /.animfs/status, made by the mount at open
 FIXED_DIRS = {
     ROOT_INO: (ROOT_INO, b""),
     PATIENTS_INO: (ROOT_INO, b"patients"),
     STUDIES_INO: (ROOT_INO, b"studies"),
+    BY_DATE_INO: (ROOT_INO, b"by-date"),
+    BY_MODALITY_INO: (ROOT_INO, b"by-modality"),
+    CONTROL_INO: (ROOT_INO, b".animfs"),
 }
+FIXED_FILES = {STATUS_INO: (CONTROL_INO, b"status")}
+VIEWS = (BY_DATE_INO, BY_MODALITY_INO)
 FIRST_DYNAMIC_INO = 1 << 16
 
 _HEAD = struct.Struct("<BQqQH")
@@ -185,19 +208,34 @@ class Index:
         self.env.close()
 
     def _ensure_roots(self) -> None:
+        """Create the fixed entries that are missing: all of them in a new index, the
+        views and /.animfs in one made before they existed (whose views are then
+        filled in from its instances, in ingest order)."""
+        nodes = self._db["nodes"]
         with self.env.begin() as txn:
-            if txn.get(_ino_key(STUDIES_INO), db=self._db["nodes"]) is not None:
+            if txn.get(_ino_key(STATUS_INO), db=nodes) is not None:
                 return
         with self._write() as txn:
             now = time.time_ns()
-            for ino, (parent, name) in FIXED_DIRS.items():
-                node = Node(ino, DIR, parent, name, now, 0)
-                txn.put(_ino_key(ino), _encode_node(node), db=self._db["nodes"])
+            fixed = [(ino, parent, name, DIR) for ino, (parent, name) in FIXED_DIRS.items()]
+            fixed += [(ino, parent, name, FILE) for ino, (parent, name) in FIXED_FILES.items()]
+            for ino, parent, name, kind in fixed:
+                if txn.get(_ino_key(ino), db=nodes) is not None:
+                    continue
+                node = Node(ino, kind, parent, name, now, 0)
+                txn.put(_ino_key(ino), _encode_node(node), db=nodes)
                 if ino != ROOT_INO:
                     txn.put(_dirent_key(parent, name), _ino_key(ino), db=self._db["dirents"])
-            root = Node(ROOT_INO, DIR, ROOT_INO, b"", now, 0, subdirs=2)
-            txn.put(_ino_key(ROOT_INO), _encode_node(root), db=self._db["nodes"])
+            root = _decode_node(ROOT_INO, txn.get(_ino_key(ROOT_INO), db=nodes))
+            top = sum(1 for ino, (parent, _) in FIXED_DIRS.items() if parent == ROOT_INO != ino)
+            root = dataclasses.replace(root, subdirs=top)
+            txn.put(_ino_key(ROOT_INO), _encode_node(root), db=nodes)
             txn.put(b"format", b"1", db=self._db["meta"])
+            earlier = [
+                Manifest.from_bytes(bytes(v)) for _, v in txn.cursor(db=self._db["instances"])
+            ]
+            for manifest in sorted(earlier, key=lambda m: m.ingested_ns):
+                self._add_views(txn, manifest)
 
     class _WriteTxn:
         """A write transaction whose LMDB errors become IndexFull / IndexError_."""
@@ -373,6 +411,17 @@ class Index:
                 out.append(Missed(site.decode(), obj.decode(), json.loads(value)["reason"]))
                 if len(out) >= limit:
                     break
+        return out
+
+    def sites_lacking(self, sites: Iterable[str], keys: Iterable[str]) -> set[str]:
+        """Those of ``sites`` with a repair-journal entry for any of ``keys``."""
+        wanted = [key.encode() for key in keys]
+        out = set()
+        with self.env.begin() as txn:
+            for site in sites:
+                prefix = site.encode() + b"\0"
+                if any(txn.get(prefix + key, db=self._db["journal"]) for key in wanted):
+                    out.add(site)
         return out
 
     def journal_remove(self, site: str, key: str) -> None:
@@ -607,6 +656,7 @@ class Index:
             self._grow(txn, ino, t, files=1, nbytes=manifest.size, subdirs=int(child in new_dirs))
         if place.link_ino in new_dirs:
             self._grow(txn, STUDIES_INO, t, files=0, nbytes=0, subdirs=0)
+        self._add_views(txn, manifest)
         txn.put(manifest.key, manifest.to_bytes(), db=dbs["instances"])
         for ref in manifest.chunks:
             key = bytes.fromhex(ref.id)
@@ -614,6 +664,72 @@ class Index:
             refs = _CHUNK.unpack(old)[1] if old is not None else 0
             txn.put(key, _CHUNK.pack(ref.stored, refs + 1), db=dbs["chunks"])
         _journal_put(txn, dbs["journal"], missed)
+
+    def _add_views(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
+        """The study's symlinks under /by-date and /by-modality, unless it has them."""
+        inst, place = manifest.instance, manifest.placement
+        date = inst.study_date if re.fullmatch(r"[0-9]{8}", inst.study_date) else "00000000"
+        year, month, day = date[:4], date[4:6], date[6:]
+        modality = safe_name(inst.modality or "OT")
+        name = safe_name(f"{place.patient_name}_{place.study_name}")
+        target = f"../../../../patients/{place.patient_name}/{place.study_name}".encode()
+        uid = inst.study_uid
+        views = [
+            (BY_DATE_INO, b"Y", [year, month, day], b"D\0" + uid.encode()),
+            (
+                BY_MODALITY_INO,
+                b"O",
+                [modality, year, month],
+                b"M\0" + modality.encode() + b"\0" + uid.encode(),
+            ),
+        ]
+        t = manifest.ingested_ns
+        for root, kind, parts, link_id in views:
+            if txn.get(link_id, db=self._db["ids"]) is not None:
+                continue
+            chain, parent = [root], root
+            for depth in range(len(parts)):
+                identity = kind + b"\0" + "/".join(parts[: depth + 1]).encode()
+                parent = self._view_node(txn, identity, parent, parts[depth].encode(), t)
+                chain.append(parent)
+            self._view_node(txn, link_id, parent, name.encode(), t, target=target, uid=uid)
+            for ino in chain:
+                self._grow(txn, ino, t, files=0, nbytes=0, subdirs=0)
+
+    def _view_node(
+        self,
+        txn: lmdb.Transaction,
+        identity: bytes,
+        parent: int,
+        name: bytes,
+        t: int,
+        *,
+        target: bytes = b"",
+        uid: str = "",
+    ) -> int:
+        """The inode of a view folder (found or made), or a new view link."""
+        dbs = self._db
+        found = txn.get(identity, db=dbs["ids"])
+        if found is not None:
+            return int(_U64.unpack(found)[0])
+        attempt, ino = 0, hashed_ino(identity)
+        while txn.get(_ino_key(ino), db=dbs["nodes"]) is not None:
+            attempt += 1
+            ino = hashed_ino(identity, attempt)
+        final = name
+        for n in range(100):  # only link names can collide: folder names are their identity
+            if txn.get(_dirent_key(parent, final), db=dbs["dirents"]) is None:
+                break
+            final = unique_name(name.decode(), uid if n == 0 else f"{uid}\0{n}").encode()
+        if target:
+            node = Node(ino, LINK, parent, final, t, len(target), target=target)
+        else:
+            node = Node(ino, DIR, parent, final, t, 0)
+            self._grow(txn, parent, t, files=0, nbytes=0, subdirs=1)
+        txn.put(_ino_key(ino), _encode_node(node), db=dbs["nodes"])
+        txn.put(_dirent_key(parent, final), _ino_key(ino), db=dbs["dirents"])
+        txn.put(identity, _ino_key(ino), db=dbs["ids"])
+        return ino
 
     def _grow(
         self,

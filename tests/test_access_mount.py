@@ -119,9 +119,10 @@ class World:
 
     def __init__(self, archive: Archive, mount: Mount, sources: dict[str, str]) -> None:
         self.archive, self.mount, self.sources = archive, mount, sources
-        listing = py_as(BACKUP, _WALK, str(mount.path))[0]
-        self.files = {rel: mount.path / rel for rel in listing}
-        self.backup_shas = listing
+        # /patients only: the other trees show the same files again (and /.animfs/status)
+        listing = py_as(BACKUP, _WALK, str(mount.path / "patients"))[0]
+        self.files = {f"patients/{rel}": mount.path / "patients" / rel for rel in listing}
+        self.backup_shas = {f"patients/{rel}": sha for rel, sha in listing.items()}
 
     def file_of(self, patient: str) -> Path:
         """The first file of a patient's only study."""
