@@ -236,6 +236,22 @@ class GroupCommit:
 # -- reading --------------------------------------------------------------------------
 
 
+def head(path: Path) -> tuple[str, int] | None:
+    """(chain head, bytes) of the log: the SHA-256 of its last line, which the next line
+    chains to, and its size; None when there is no log yet.  Reads only its tail."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        last = _last_line(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    return (GENESIS if last is None else hashlib.sha256(last).hexdigest()), size
+
+
+
 @dataclass(frozen=True)
 class Verdict:
     lines: int  # lines checked (all of them when intact)

@@ -24,6 +24,7 @@ import trio
 from animfs import chunks
 from animfs.chunks import ChunkRef, CorruptChunk
 from animfs.diskcache import DiskCache, save_stats
+from animfs.keys import KeyRing
 from animfs.store.base import CorruptObject
 from animfs.store.dual import DualStore, NoGoodCopy
 
@@ -56,11 +57,12 @@ class CacheStats:
     streamed: int = 0  # chunks read for the backup role
 
 
-def check_stored(ref: ChunkRef, stored: bytes) -> bytes:
+def check_stored(ref: ChunkRef, stored: bytes, keys: KeyRing | None = None) -> bytes:
     """The plain bytes of a chunk as a site (or the disk cache) stores it; raises
-    CorruptObject for a copy that does not decompress or match its id."""
+    CorruptObject for a copy that does not decompress or match its id, or is
+    sealed under a key ``keys`` lacks (wrong key, or tampered): never served."""
     try:
-        return chunks.unseal(ref.id, stored, ref.size)
+        return chunks.unseal(ref.id, stored, ref.size, keys)
     except CorruptChunk as exc:
         raise CorruptObject("", chunks.chunk_key(ref.id), str(exc)) from exc
 
@@ -73,6 +75,7 @@ class ChunkCache:
         memory_bytes: int,
         nursery: trio.Nursery,
         disk: DiskCache | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         """With ``disk``, chunks are looked up there before the sites, and kept there;
         its bookkeeping is loaded from the folder in the background (reads meanwhile
@@ -81,6 +84,7 @@ class ChunkCache:
         self.memory_bytes = memory_bytes
         self.nursery = nursery
         self.disk = disk
+        self.keys = keys  # opens sealed chunks; the disk cache holds them sealed
         self.limiter = trio.CapacityLimiter(FETCH_THREADS)
         self.stats = CacheStats()
         self._lru: OrderedDict[str, bytes] = OrderedDict()
@@ -176,7 +180,7 @@ class ChunkCache:
 
     def _fetch_sync(self, ref: ChunkRef, bypass: bool) -> bytes:
         def check(stored: bytes) -> bytes:
-            return check_stored(ref, stored)
+            return check_stored(ref, stored, self.keys)
 
         if self.disk is not None:
             cached = self.disk.get(ref.id, check, promote=not bypass)

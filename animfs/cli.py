@@ -57,12 +57,18 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    path = config_mod.write_default(Path(args.dir))
+    from animfs import keys
+
+    path = config_mod.write_default(Path(args.dir), key_file=not args.no_key)
     config = config_mod.load(path)
     for site in config.sites:
         if site.scheme == "file":
             Path(site.url[len("file://") :]).mkdir(parents=True, exist_ok=True)
     print(f"wrote {path}")
+    if config.key_file is not None:
+        keys.create(config.key_file)
+        print(f"wrote {config.key_file} (mode 0600): without it nothing stored can be read; "
+              "keep a copy somewhere safe")
     print(f"use it with: export ANIMFS_CONFIG={path}")
     return 0
 
@@ -91,7 +97,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         if not path.exists():
             raise Failure(f"{path}: no such file or folder")
     total = sum(1 for _ in walk(paths))
+    ring = _keys(config)
     index, store = _open_archive(config)
+    _check_key(store, ring)
     progress = Progress("ingest", total)
     ingester = Ingester(config, index, store, institution=args.institution)
 
@@ -226,10 +234,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from animfs.repair import repair
 
     config = _load(args)
+    ring = _keys(config)
     index, store = _open_archive(config)
     progress = Progress("repair", len(index.journal()))
     try:
-        report = repair(index, store, step=progress.step)
+        report = repair(index, store, step=progress.step, keys=ring)
     finally:
         progress.close()
         store.close()
@@ -247,6 +256,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     names = [args.site] if args.site else [s.name for s in config.sites]
     for name in names:
         config.site(name)  # ConfigError for an unknown site
+    ring = _keys(config)
     index, store = _open_archive(config)
     sites = [store.site(name) for name in names]
     counts = index.counts()
@@ -257,7 +267,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{entry.site}: {entry.key}: {entry.reason.removeprefix('verify: ')}")
 
     try:
-        verdicts = verify(index, sites, deep=args.deep, step=progress.step, problem=problem)
+        verdicts = verify(
+            index, sites, deep=args.deep, step=progress.step, problem=problem, keys=ring
+        )
     finally:
         progress.close()
         store.close()
@@ -295,11 +307,38 @@ def _change(args: argparse.Namespace, make: Callable[[Any], str]) -> int:
     changes, index = _changes(args)
     try:
         print(make(changes))
+        _publish_state(changes.config, index)
     except (Refused, AuditUnavailable) as exc:
         raise Failure(str(exc)) from None
     finally:
         index.close()
     return 0
+
+
+def _publish_state(config: Config, index: Any) -> None:
+    """Copy the change to the sites now if this user can (key and sites); else the mount,
+    which looks for unpublished changes every few seconds, does it."""
+    from animfs import keys, recovery
+    from animfs.store import open_site
+    from animfs.store.base import StoreError
+    from animfs.store.dual import DualStore, NotEnoughSites
+
+    try:
+        ring = keys.for_config(config)
+    except keys.KeyError_ as exc:
+        log.debug("state left for the mount to publish: %s", exc)
+        return
+    store = DualStore(
+        [open_site(s) for s in config.sites],
+        preferred=config.preferred,
+        min_sites=config.min_sites,
+    )
+    try:
+        recovery.publish(index, store, ring, config.audit_path)
+    except (NotEnoughSites, StoreError, OSError) as exc:
+        log.debug("state left for the mount to publish: %s", exc)
+    finally:
+        store.close()
 
 
 def _when(t: float | None) -> str:
@@ -398,6 +437,151 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 _AUDIT_COMMON = {"time", "event", "uid", "user", "patient", "prev", "hash"}
 
 
+# -- keys, snapshots and rebuilds -------------------------------------------------------
+
+
+def _keys(config: Config) -> Any:
+    from animfs import keys
+
+    return keys.for_config(config)
+
+
+def _check_key(store: Any, ring: Any) -> None:
+    """Refuse to write anything under a key file that is not the archive's."""
+    from animfs import recovery
+    from animfs.store.base import StoreError
+    from animfs.store.dual import NotEnoughSites
+
+    try:
+        recovery.check_key(store, ring)
+    except recovery.RecoveryError as exc:
+        store.close()
+        raise Failure(str(exc)) from None
+    except (StoreError, NotEnoughSites) as exc:
+        store.close()
+        raise Failure(f"cannot check the key against the sites: {exc}") from None
+
+
+def cmd_key_create(args: argparse.Namespace) -> int:
+    from animfs import keys
+
+    config = _load(args)
+    if config.key_file is None:
+        raise Failure(f"{config.path}: name the key file first: [security] key_file = ...")
+    ring = keys.create(config.key_file)
+    print(f"wrote {config.key_file} (mode 0600, key {ring.current}): new objects are sealed; "
+          "'animfs key reseal' seals the ones stored before")
+    return 0
+
+
+def cmd_key_rotate(args: argparse.Namespace) -> int:
+    from animfs import keys
+
+    config = _load(args)
+    if config.key_file is None:
+        raise Failure(f"{config.path}: no [security] key_file: nothing is sealed, no key to rotate")
+    ring = keys.load(config.key_file).rotated()
+    keys.save(ring, config.key_file)
+    print(f"{config.key_file}: key {ring.current} added and made current; new objects are "
+          f"sealed under it, older keys ({', '.join(k for k in ring.keys if k != ring.current)}) "
+          "still open what they sealed")
+    if args.no_reseal:
+        print("run 'animfs key reseal' to move the stored objects to the new key")
+        return 0
+    return cmd_key_reseal(args)
+
+
+def cmd_key_reseal(args: argparse.Namespace) -> int:
+    from animfs.reseal import reseal
+
+    config = _load(args)
+    ring = _keys(config)
+    if ring is None:
+        raise Failure(f"{config.path}: no [security] key_file: nothing to reseal")
+    index, store = _open_archive(config)
+    progress = Progress("reseal")
+    try:
+        report = reseal(index, list(store.sites), ring, step=progress.step)
+        if report.dropped:
+            _publish_state(config, index)
+    finally:
+        progress.close()
+        store.close()
+        index.close()
+    for problem in report.failed:
+        print(f"animfs: {problem}", file=sys.stderr)
+    print(f"key {ring.current}: {report.line()}")
+    return 1 if report.failed else 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from animfs import recovery
+    from animfs.store.dual import NotEnoughSites
+
+    config = _load(args)
+    ring = _keys(config)
+    index, store = _open_archive(config)
+    try:
+        snap = recovery.take_snapshot(index, store, ring, config.index_path.parent)
+    except NotEnoughSites as exc:
+        raise Failure(f"snapshot not stored: {exc}") from None
+    finally:
+        store.close()
+        index.close()
+    print(f"snapshot {snap.id}: {snap.instances} instances, {snap.bytes / 1e6:.1f} MB of index "
+          f"in {snap.parts} parts, at every site that answered")
+    return 0
+
+
+def cmd_rebuild_index(args: argparse.Namespace) -> int:
+    from animfs import recovery
+    from animfs.store import open_site
+
+    config = _load(args)
+    ring = _keys(config)
+    site = open_site(config.site(args.from_site or config.preferred))
+    progress = Progress("rebuild")
+    try:
+        report = recovery.rebuild(
+            config.index_path,
+            config.index_map_size,
+            site,
+            ring,
+            snapshot=args.from_snapshot is not None,
+            snapshot_id=args.from_snapshot or None,
+            allow_plain=args.allow_plain,
+            step=progress.step,
+        )
+    except recovery.RecoveryError as exc:
+        raise Failure(str(exc)) from None
+    finally:
+        progress.close()
+    print(report.line())
+    return 0
+
+
+def _add_recovery_commands(sub: Any) -> None:
+    key = sub.add_parser("key", help="the sealing keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    c = key.add_parser("create", help="make the key file the config names (none yet)")
+    c.set_defaults(fn=cmd_key_create)
+    c = key.add_parser("rotate", help="add a new key for new writes, then reseal")
+    c.set_defaults(fn=cmd_key_rotate)
+    c.add_argument("--no-reseal", action="store_true", help="only add the key")
+    c = key.add_parser("reseal", help="rewrite stored objects under the current key (resumable)")
+    c.set_defaults(fn=cmd_key_reseal)
+    c = sub.add_parser("snapshot", help="upload a compact copy of the index to every site")
+    c.set_defaults(fn=cmd_snapshot)
+    c = sub.add_parser("rebuild-index", help="make the index again from one site")
+    c.set_defaults(fn=cmd_rebuild_index)
+    c.add_argument("--from-site", metavar="NAME", help="the site to read (default: preferred)")
+    c.add_argument("--from-snapshot", nargs="?", const="", metavar="ID",
+                   help="start from the newest (or this) snapshot, then newer manifests")
+    c.add_argument("--allow-plain", action="store_true",
+                   help="accept unsealed objects though a key is configured")
+
+
 # -- parser ----------------------------------------------------------------------------
 
 
@@ -412,8 +596,9 @@ def parser() -> argparse.ArgumentParser:
         cmd.set_defaults(fn=fn)
         return cmd
 
-    c = add("init", cmd_init, "write DIR/animfs.toml with two local sites under DIR")
+    c = add("init", cmd_init, "write DIR/animfs.toml with two local sites and a key under DIR")
     c.add_argument("dir")
+    c.add_argument("--no-key", action="store_true", help="no key file: nothing is sealed")
     c = add("ingest", cmd_ingest, "archive DICOM files and folders (recursively)")
     c.add_argument("--institution", help="producing institution (else InstitutionName)")
     c.add_argument("paths", nargs="+")
@@ -439,6 +624,7 @@ def parser() -> argparse.ArgumentParser:
     c = add("verify", cmd_verify, "check that every referenced object is at every site")
     c.add_argument("--site", help="check only this site")
     c.add_argument("--deep", action="store_true", help="also read every object and check it")
+    _add_recovery_commands(sub)
     return p
 
 

@@ -60,6 +60,7 @@ class Config:
     users: Mapping[int, User] = field(default_factory=dict)
     repair_interval: float = 300.0  # seconds between the mount's background repair passes
     series_prefetch: int = 8  # following files of a folder fetched when one is opened; 0: off
+    snapshot_interval: float = 3600.0  # seconds between the mount's index snapshots; 0: none
 
     def site(self, name: str) -> SiteConfig:
         for site in self.sites:
@@ -162,6 +163,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         users=_users(top.table("users", required=False)),
         repair_interval=float(replication.positive("repair_interval", 300)),
         series_prefetch=_non_negative(cache, "series_prefetch", 8),
+        snapshot_interval=float(_non_negative(index, "snapshot_interval", 3600)),
     )
 
 
@@ -227,6 +229,7 @@ TEMPLATE = """\
 
 [index]
 path = "{dir}/index"                  # LMDB environment folder
+snapshot_interval = 3600              # seconds between the mount's index snapshots; 0: none
 
 [cache]
 dir = "{dir}/cache"
@@ -247,7 +250,7 @@ url = "file://{dir}/site-a"
 name = "site-b"
 url = "file://{dir}/site-b"
 
-[audit]
+{security}[audit]
 path = "{dir}/audit.jsonl"            # hash-chained JSON lines
 
 [institutions]                        # InstitutionName as written by modalities -> code
@@ -260,12 +263,21 @@ path = "{dir}/audit.jsonl"            # hash-chained JSON lines
 """
 
 
-def write_default(directory: Path) -> Path:
-    """Write DIR/animfs.toml with two local sites under DIR; refuse to overwrite one."""
+SECURITY = """\
+[security]
+key_file = "animfs.key"               # seals everything stored; keep a copy somewhere safe
+
+"""
+
+
+def write_default(directory: Path, *, key_file: bool = True) -> Path:
+    """Write DIR/animfs.toml with two local sites under DIR; refuse to overwrite one.
+
+    With ``key_file`` the config names DIR/animfs.key (which the caller creates)."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "animfs.toml"
     if path.exists():
         raise ConfigError(f"{path}: already exists; not overwriting it")
-    path.write_text(TEMPLATE.format(dir=directory))
+    path.write_text(TEMPLATE.format(dir=directory, security=SECURITY if key_file else ""))
     return path

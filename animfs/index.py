@@ -22,7 +22,8 @@ so that keys sort numerically, little-endian in values):
                  b"O\\0" MOD | MOD/YYYY | MOD/YYYY/MM  folders under /by-modality
                  b"M\\0" MOD "\\0" StudyInstanceUID  symlink under /by-modality/MOD/YYYY/MM
 ``instances``  instance key (sha256 of SOPInstanceUID, 32 bytes) -> manifest JSON,
-               byte-identical to ``manifests/<key hex>`` at the sites.
+               byte-identical to ``manifests/<key hex>`` at the sites, or with a key
+               to what ``manifests/<keyed name>`` opens to (animfs.manifest).
 ``chunks``     chunk id (32 raw bytes) -> stored size u64 | references u64.
 ``journal``    site name + b"\\0" + object key -> JSON {"reason", "time"}: the
                repair journal, one entry per object a site lacks a good copy of.
@@ -33,6 +34,10 @@ so that keys sort numerically, little-endian in values):
 ``break_glass`` patient key + b"\\0" + uid (u32 BE) -> JSON {"uid", "granted", "until",
                "reason"}: the latest break-the-glass grant of that uid for that patient.
 ``meta``       b"format" -> b"1".
+               b"state\\0" + patient key -> time (ns, text) of the patient's last access
+                 change not yet written to the sites as a state object (animfs.state).
+               b"audit-head" -> JSON {"head", "bytes", "time"}: the audit log's chain head
+                 as last written to (or, after a rebuild, read from) the sites.
 
 The views ``/by-date/YYYY/MM/DD/`` and ``/by-modality/<MOD>/YYYY/MM/`` hold one
 symlink per study (per study and modality), named ``<patient folder>_<study
@@ -112,6 +117,7 @@ _DBS = (
     "break_glass",
 )
 _U32 = struct.Struct(">I")
+_STATE = b"state\0"  # meta: access state changed, not yet at the sites
 
 
 class IndexError_(Exception):
@@ -457,15 +463,127 @@ class Index:
         with self._write() as txn:
             key = patient.encode() + b"\0" + consent.to.encode()
             txn.put(key, json.dumps(dataclasses.asdict(consent)).encode(), db=self._db["consents"])
+            self._state_changed(txn, patient)
 
     def set_record(self, patient: str, state: str) -> None:
         with self._write() as txn:
             txn.put(patient.encode(), state.encode(), db=self._db["records"])
+            self._state_changed(txn, patient)
 
     def put_break_glass(self, patient: str, grant: BreakGlass) -> None:
         with self._write() as txn:
             key = patient.encode() + b"\0" + _U32.pack(grant.uid)
             txn.put(key, json.dumps(dataclasses.asdict(grant)).encode(), db=self._db["break_glass"])
+            self._state_changed(txn, patient)
+
+    # -- state kept at the sites (animfs.state) and rebuilds (animfs.rebuild) ---------
+
+    def _state_changed(self, txn: lmdb.Transaction, patient: str) -> None:
+        txn.put(_STATE + patient.encode(), str(time.time_ns()).encode(), db=self._db["meta"])
+
+    def unpublished_state(self) -> list[tuple[str, bytes]]:
+        """(patient, mark) of every patient whose access state the sites do not have yet."""
+        with self.env.begin() as txn:
+            return [
+                (key[len(_STATE) :].decode(), value)
+                for key, value in _prefixed(txn, self._db["meta"], _STATE)
+            ]
+
+    def state_published(self, patient: str, mark: bytes) -> None:
+        """The state of ``patient`` as of ``mark`` is at the sites (a newer change stays due)."""
+        with self._write() as txn:
+            key = _STATE + patient.encode()
+            if txn.get(key, db=self._db["meta"]) == mark:
+                txn.delete(key, db=self._db["meta"])
+
+    def mark_all_state(self) -> None:
+        """Mark every patient with any access state as due for publishing."""
+        with self._write() as txn:
+            patients = set()
+            for name in ("consents", "break_glass", "records"):
+                for key, _ in txn.cursor(db=self._db[name]):
+                    patients.add(bytes(key).partition(b"\0")[0].decode())
+            for patient in patients:
+                self._state_changed(txn, patient)
+
+    def access_state(self, patient: str) -> dict[str, Any]:
+        """A patient's consents, record state and break-the-glass grants, as stored (JSON)."""
+        prefix = patient.encode() + b"\0"
+        with self.env.begin() as txn:
+            record = txn.get(patient.encode(), db=self._db["records"])
+            return {
+                "patient": patient,
+                "consents": [
+                    json.loads(v) for _, v in _prefixed(txn, self._db["consents"], prefix)
+                ],
+                "record": None if record is None else bytes(record).decode(),
+                "break_glass": [
+                    json.loads(v) for _, v in _prefixed(txn, self._db["break_glass"], prefix)
+                ],
+            }
+
+    def restore_access_state(self, doc: dict[str, Any]) -> bool:
+        """Put a patient's state back as :meth:`access_state` gave it (with ``changed``,
+        the time of the change), unless the index holds a newer change of its own not
+        yet at the sites.  Returns whether it did."""
+        patient = str(doc["patient"])
+        prefix = patient.encode() + b"\0"
+        with self._write() as txn:
+            mark = txn.get(_STATE + patient.encode(), db=self._db["meta"])
+            if mark is not None and int(mark) > int(doc.get("changed", 0)):
+                return False
+            if mark is not None:
+                txn.delete(_STATE + patient.encode(), db=self._db["meta"])
+            for name in ("consents", "break_glass"):
+                for key, _ in list(_prefixed(txn, self._db[name], prefix)):
+                    txn.delete(key, db=self._db[name])
+            for c in doc["consents"]:
+                key = prefix + str(c["to"]).encode()
+                txn.put(key, json.dumps(c).encode(), db=self._db["consents"])
+            for g in doc["break_glass"]:
+                key = prefix + _U32.pack(int(g["uid"]))
+                txn.put(key, json.dumps(g).encode(), db=self._db["break_glass"])
+            if doc["record"] is None:
+                txn.delete(patient.encode(), db=self._db["records"])
+            else:
+                txn.put(patient.encode(), str(doc["record"]).encode(), db=self._db["records"])
+        return True
+
+    def meta(self, key: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            value = txn.get(key, db=self._db["meta"])
+            return None if value is None else bytes(value)
+
+    def put_meta(self, key: bytes, value: bytes) -> None:
+        with self._write() as txn:
+            txn.put(key, value, db=self._db["meta"])
+
+    def restore(self, manifests: Iterable[Manifest]) -> int:
+        """Commit instances at the placement their manifests record (a rebuild), in one
+        transaction; instances already in the index are skipped.  Returns how many
+        were added.
+
+        Placements were planned against the index as it stood at ingest and are
+        recorded whole; give the manifests in ingest order (``ingested_ns``) so that
+        what depends on which instance came first (a view folder's time) comes out
+        as it did.  A fresh
+        index's fixed folders start at mtime 0 here, so that they end, like the
+        original's, at the time of their newest entry.
+        """
+        added = 0
+        with self._write() as txn:
+            root = _decode_node(ROOT_INO, txn.get(_ino_key(ROOT_INO), db=self._db["nodes"]))
+            if root.files == 0:
+                for ino in FIXED_DIRS:
+                    node = _decode_node(ino, txn.get(_ino_key(ino), db=self._db["nodes"]))
+                    fresh = dataclasses.replace(node, mtime_ns=0)
+                    txn.put(_ino_key(ino), _encode_node(fresh), db=self._db["nodes"])
+            for manifest in manifests:
+                if txn.get(manifest.key, db=self._db["instances"]) is not None:
+                    continue
+                self._commit_in(txn, manifest, ())
+                added += 1
+        return added
 
     # -- ingest ---------------------------------------------------------------------
 

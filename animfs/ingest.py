@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from animfs import chunks
+from animfs import chunks, keys
 from animfs.config import Config
 from animfs.dicom import NotDicom, read_header
 from animfs.index import Index, IndexError_
@@ -89,6 +89,7 @@ class Ingester:
         self.config, self.index, self.store = config, index, store
         self.institution = institution_code(config, institution) if institution else None
         self.clock = clock
+        self.keys = keys.for_config(config)  # None: nothing is sealed
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="animfs-zstd")
         self.summary = Summary(stored={site.name: 0 for site in store.sites})
         self._batch = store.batch()  # the objects of the group being ingested
@@ -141,7 +142,16 @@ class Ingester:
         size, sha, refs = self._store_chunks(f)
         if size != os.fstat(f.fileno()).st_size:
             raise Refused("the file changed while it was read")
-        return Manifest(header, institution, size, sha, tuple(refs), self.clock(), _UNPLACED)
+        return Manifest(
+            header,
+            institution,
+            size,
+            sha,
+            tuple(refs),
+            self.clock(),
+            _UNPLACED,
+            keyed=self.keys is not None,
+        )
 
     def _store_chunks(self, f: BinaryIO) -> tuple[int, str, list[chunks.ChunkRef]]:
         """Read, hash, compress and start writing every chunk; returns (size, sha256, refs)."""
@@ -166,7 +176,7 @@ class Ingester:
                 break
             size += len(plain)
             whole.update(plain)
-            pending.append(self.pool.submit(_seal, plain))
+            pending.append(self.pool.submit(_seal, plain, self.keys))
             while len(pending) > COMPRESS_AHEAD:
                 finish(pending.popleft())
         while pending:
@@ -176,7 +186,8 @@ class Ingester:
     def _publish(self, placed: list[Manifest]) -> list[Missed]:
         """Write the group's manifests and make the whole group durable at the sites."""
         for manifest in placed:
-            self._batch.put(manifest.object_key, manifest.to_bytes())
+            name = manifest.object_key_with(self.keys)
+            self._batch.put(name, keys.seal_with(self.keys, name, manifest.to_bytes()))
         return self._batch.commit()
 
     def commit_group(self, group: list[tuple[Path, Manifest]]) -> list[tuple[Path, str, str]]:
@@ -266,6 +277,6 @@ def _same_or_refuse(stored: Manifest, sha256: str) -> None:
         )
 
 
-def _seal(plain: bytes) -> tuple[str, bytes, int]:
-    chunk_id, stored = chunks.seal(plain)
+def _seal(plain: bytes, ring: keys.KeyRing | None) -> tuple[str, bytes, int]:
+    chunk_id, stored = chunks.seal(plain, ring)
     return chunk_id, stored, len(plain)

@@ -3,6 +3,12 @@
 Stored as ``manifests/<sha256 of SOPInstanceUID>`` (JSON, sorted keys).  It
 carries the names and inode numbers the instance was given, so an index
 rebuilt from manifests alone (in ingest order) has the same paths and inodes.
+
+With a key ring the manifest is written ``keyed``: its name at the sites is
+the HMAC-SHA256 of the SOPInstanceUID under the ring's id key (it would
+otherwise reveal the UID to anyone who can guess it), its chunk ids are keyed,
+and the object is sealed (:mod:`animfs.keys`).  The index keeps it under the
+plain :func:`instance_key` either way: that key never leaves the host.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 from animfs.chunks import ChunkRef
 from animfs.dicom import Instance
+from animfs.keys import KeyRing, SealError
 
 VERSION = 1
 
@@ -24,7 +31,10 @@ def instance_key(sop_uid: str) -> bytes:
     return hashlib.sha256(sop_uid.encode()).digest()
 
 
-def manifest_key(sop_uid: str) -> str:
+def manifest_key(sop_uid: str, keys: KeyRing | None = None) -> str:
+    """The object key of an instance's manifest: keyed when there is a key ring."""
+    if keys is not None:
+        return f"manifests/{keys.keyed_id(sop_uid.encode())}"
     return f"manifests/{instance_key(sop_uid).hex()}"
 
 
@@ -58,6 +68,7 @@ class Manifest:
     chunks: tuple[ChunkRef, ...]
     ingested_ns: int
     placement: Placement
+    keyed: bool = False  # written with a key ring: keyed name and chunk ids, sealed
 
     @property
     def key(self) -> bytes:
@@ -65,7 +76,16 @@ class Manifest:
 
     @property
     def object_key(self) -> str:
+        """The object key of an unkeyed manifest (see :meth:`object_key_with`)."""
         return manifest_key(self.instance.sop_uid)
+
+    def object_key_with(self, keys: KeyRing | None) -> str:
+        """Where this manifest is stored at the sites."""
+        if not self.keyed:
+            return manifest_key(self.instance.sop_uid)
+        if keys is None:
+            raise SealError("a keyed manifest, and no key is configured ([security] key_file)")
+        return manifest_key(self.instance.sop_uid, keys)
 
     def path(self) -> str:
         p = self.placement
@@ -82,6 +102,8 @@ class Manifest:
             "ingested_ns": self.ingested_ns,
             "placement": _shallow(self.placement),
         }
+        if self.keyed:  # absent otherwise: unkeyed manifests stay as they always were
+            doc["keyed"] = True
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -99,6 +121,7 @@ class Manifest:
                 chunks=tuple(ChunkRef(c[0], int(c[1]), int(c[2])) for c in doc["chunks"]),
                 ingested_ns=int(doc["ingested_ns"]),
                 placement=Placement(**doc["placement"]),
+                keyed=doc.get("keyed", False) is True,
             )
         except (KeyError, TypeError, IndexError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed manifest: {exc}") from exc

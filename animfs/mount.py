@@ -24,19 +24,22 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from animfs import fs, repair
+from animfs import fs, keys, recovery, repair
 from animfs.audit import AuditFile, AuditUnavailable, GroupCommit
 from animfs.cache import ChunkCache
 from animfs.config import Config
 from animfs.diskcache import DiskCache
 from animfs.index import Index
+from animfs.keys import KeyRing
 from animfs.store import open_site
-from animfs.store.dual import DualStore, Missed
+from animfs.store.base import StoreError
+from animfs.store.dual import DualStore, Missed, NotEnoughSites
 
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024  # the kernel then sends 1 MiB read requests
 START_TIMEOUT = 30.0
+STATE_SECONDS = 3.0  # how often access-state changes are looked for and published
 PROBE_SECONDS = 3.0  # how often sites marked down are asked whether they answer again
 
 
@@ -153,8 +156,9 @@ def _components(config: Config) -> Iterator[tuple[Index, DualStore]]:
 def run(config: Config, mountpoint: Path) -> None:
     """Mount in this process and serve until unmounted or signalled."""
     check_mountpoint(mountpoint)
+    ring = keys.for_config(config)  # a missing or unreadable key file: refuse to start
     with _components(config) as (index, store), _audit_file(config) as audit_file:
-        trio.run(_serve, config, index, store, mountpoint, audit_file)
+        trio.run(_serve, config, index, store, mountpoint, audit_file, ring)
 
 
 @contextlib.contextmanager
@@ -181,10 +185,13 @@ async def _serve(
     store: DualStore,
     mountpoint: Path,
     audit_file: AuditFile | None = None,
+    ring: KeyRing | None = None,
 ) -> None:
     async with trio.open_nursery() as nursery:
         disk = DiskCache(config.cache_dir, config.cache_max_bytes)
-        cache = ChunkCache(store, memory_bytes=config.memory_bytes, nursery=nursery, disk=disk)
+        cache = ChunkCache(
+            store, memory_bytes=config.memory_bytes, nursery=nursery, disk=disk, keys=ring
+        )
         audit_log = GroupCommit(audit_file, nursery) if audit_file is not None else None
         operations = fs.Operations(
             index,
@@ -202,7 +209,8 @@ async def _serve(
             nursery.start_soon(_stop_on_signal)
             nursery.start_soon(_raise_read_ahead, mountpoint)
             nursery.start_soon(_probe_sites, store)
-            nursery.start_soon(_repair_in_background, config, index, store, stop_repair)
+            nursery.start_soon(_repair_in_background, config, index, store, stop_repair, ring)
+            nursery.start_soon(_keep_at_sites, config, index, store, ring)
             await pyfuse3.main()
         finally:
             stop_repair.set()  # a repair pass in its thread ends after the object in hand
@@ -229,8 +237,48 @@ async def _probe_sites(store: DualStore) -> None:
         await trio.to_thread.run_sync(store.probe, limiter=limiter, abandon_on_cancel=True)
 
 
+async def _keep_at_sites(
+    config: Config, index: Index, store: DualStore, ring: KeyRing | None
+) -> None:
+    """Publish access-state changes and the audit head every few seconds, and upload an
+    index snapshot every ``snapshot_interval`` seconds (animfs.recovery).
+
+    Nothing is written under a key that does not open the archive's key check: a
+    mount started with a wrong key file serves nothing and must not write either."""
+    limiter = trio.CapacityLimiter(1)
+    try:
+        await trio.to_thread.run_sync(recovery.check_key, store, ring, limiter=limiter)
+    except (recovery.RecoveryError, StoreError, NotEnoughSites) as exc:
+        log.error("%s: this mount writes no state or snapshots", exc)
+        return
+    next_snapshot = time.monotonic() + config.snapshot_interval
+    while True:
+        await trio.sleep(STATE_SECONDS)
+        try:
+            await trio.to_thread.run_sync(
+                recovery.publish, index, store, ring, config.audit_path, limiter=limiter
+            )
+            if config.snapshot_interval and time.monotonic() >= next_snapshot:
+                next_snapshot = time.monotonic() + config.snapshot_interval
+                snap = await trio.to_thread.run_sync(
+                    recovery.take_snapshot,
+                    index,
+                    store,
+                    ring,
+                    config.index_path.parent,
+                    limiter=limiter,
+                )
+                log.info("index snapshot %s: %d instances", snap.id, snap.instances)
+        except (StoreError, NotEnoughSites, OSError) as exc:
+            log.warning("state or snapshot not written to the sites (next pass retries): %s", exc)
+
+
 async def _repair_in_background(
-    config: Config, index: Index, store: DualStore, stop: threading.Event
+    config: Config,
+    index: Index,
+    store: DualStore,
+    stop: threading.Event,
+    ring: KeyRing | None = None,
 ) -> None:
     """Run ``animfs repair`` every ``repair_interval`` seconds while mounted."""
     while True:
@@ -238,7 +286,7 @@ async def _repair_in_background(
         if not index.journal(limit=1):
             continue
         report = await trio.to_thread.run_sync(
-            functools.partial(repair.repair, index, store, stop=stop)
+            functools.partial(repair.repair, index, store, stop=stop, keys=ring)
         )
         log.info("background repair: %s", report.line())
 

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 import zstandard
 
 from animfs import chunks
+from animfs import keys as keys_mod
 from animfs.chunks import CorruptChunk
 from animfs.index import Index
+from animfs.keys import KeyRing, SealError
 from animfs.manifest import Manifest
 from animfs.store.base import CorruptObject, ObjectNotFound, ObjectStore, StoreError
 from animfs.store.dual import DualStore, Missed, NoGoodCopy
@@ -44,12 +46,16 @@ class Unknown(Exception):
     """A journal entry names an object the index does not reference."""
 
 
-def checker(index: Index, key: str, plain_size: int | None = None) -> Callable[[bytes], bytes]:
+def checker(
+    index: Index, key: str, plain_size: int | None = None, keys: KeyRing | None = None
+) -> Callable[[bytes], bytes]:
     """A check for the stored bytes of ``key``: returns them if good, else raises CorruptObject.
 
-    Chunks must decompress to a plain chunk that hashes to their id (of
-    ``plain_size`` bytes if known, else of the size their zstd frame claims, at
-    most one chunk); manifests must be byte-identical to the index's copy.
+    Chunks must (open and) decompress to a plain chunk that hashes to their id
+    (of ``plain_size`` bytes if known, else of the size their zstd frame claims,
+    at most one chunk); manifests must (open and) be byte-identical to the
+    index's copy, under the name that copy gives.  A sealed copy that does not
+    open with ``keys`` is corrupt here, as any other bad copy.
     """
     kind, _, name = key.partition("/")
     if kind == "chunks":
@@ -59,33 +65,52 @@ def checker(index: Index, key: str, plain_size: int | None = None) -> Callable[[
             size = plain_size
             if size is None:
                 try:
-                    size = zstandard.frame_content_size(stored)
+                    frame = chunks.opened(chunk_id, stored, keys)
+                    size = zstandard.frame_content_size(frame)
+                except CorruptChunk as exc:
+                    raise CorruptObject("", key, str(exc)) from exc
                 except zstandard.ZstdError:
                     size = -1
                 if not 0 <= size <= chunks.CHUNK_SIZE:
                     raise CorruptObject("", key, "not a zstd frame of one chunk")
             try:
-                chunks.unseal(chunk_id, stored, size)
+                chunks.unseal(chunk_id, stored, size, keys)
             except CorruptChunk as exc:
                 raise CorruptObject("", key, str(exc)) from exc
             return stored
 
         return check_chunk
     if kind == "manifests":
+        return _manifest_checker(index, key, keys)
+    raise Unknown(f"{key}: not a chunk or a manifest")
+
+
+def _manifest_checker(index: Index, key: str, keys: KeyRing | None) -> Callable[[bytes], bytes]:
+    if keys is None:  # unkeyed names are the index's own keys: check that up front
         try:
-            expected = index.manifest_bytes(bytes.fromhex(name))
+            known = index.manifest_bytes(bytes.fromhex(key.partition("/")[2]))
         except ValueError:
-            expected = None
-        if expected is None:
+            known = None
+        if known is None:
             raise Unknown(f"{key}: no such instance in the index")
 
-        def check_manifest(stored: bytes) -> bytes:
-            if stored != expected:
-                raise CorruptObject("", key, "differs from the index's copy")
-            return stored
+    def check_manifest(stored: bytes) -> bytes:
+        try:
+            plain = keys_mod.open_with(keys, key, stored)
+            manifest = Manifest.from_bytes(plain)
+            expected_key = manifest.object_key_with(keys)
+        except (SealError, ValueError) as exc:
+            raise CorruptObject("", key, str(exc)) from exc
+        expected = index.manifest_bytes(manifest.key)
+        if expected is None:
+            raise Unknown(f"{key}: no such instance in the index")
+        if expected_key != key or plain != expected:
+            raise CorruptObject("", key, "differs from the index's copy")
+        if manifest.keyed and not keys_mod.is_sealed(stored):
+            raise CorruptObject("", key, "a keyed manifest that is not sealed")
+        return stored
 
-        return check_manifest
-    raise Unknown(f"{key}: not a chunk or a manifest")
+    return check_manifest
 
 
 # -- repair ------------------------------------------------------------------------------
@@ -112,6 +137,7 @@ def repair(
     *,
     step: Step | None = None,
     stop: threading.Event | None = None,
+    keys: KeyRing | None = None,
 ) -> RepairReport:
     """Copy every journalled object to the site that lacks it, from a verified good copy.
 
@@ -126,7 +152,7 @@ def repair(
             if stop is not None and stop.is_set():
                 break
             batch = [e for e in entries[start : start + BATCH] if e.site not in report.unreachable]
-            copies = [(e, pool.submit(_copy, index, store, e)) for e in batch]
+            copies = [(e, pool.submit(_copy, index, store, e, keys)) for e in batch]
             done = _settle(index, copies, report, step)
             for site, entries_done in done.items():
                 try:
@@ -171,8 +197,8 @@ def _settle(
     return done
 
 
-def _copy(index: Index, store: DualStore, entry: Missed) -> None:
-    check = checker(index, entry.key)
+def _copy(index: Index, store: DualStore, entry: Missed, keys: KeyRing | None) -> None:
+    check = checker(index, entry.key, keys=keys)
     try:
         target = store.site(entry.site)
     except KeyError:
@@ -203,7 +229,7 @@ class SiteVerdict:
         return not (self.missing or self.corrupt or self.unreachable)
 
 
-def referenced(index: Index) -> Iterator[tuple[str, int | None]]:
+def referenced(index: Index, keys: KeyRing | None = None) -> Iterator[tuple[str, int | None]]:
     """Every object the index references, once: (key, plain size for chunks)."""
     seen: set[bytes] = set()
     for data in index.manifests():
@@ -213,7 +239,7 @@ def referenced(index: Index) -> Iterator[tuple[str, int | None]]:
             if raw not in seen:
                 seen.add(raw)
                 yield chunks.chunk_key(ref.id), ref.size
-        yield f"manifests/{manifest.key.hex()}", None
+        yield manifest.object_key_with(keys), None
 
 
 def verify(
@@ -223,6 +249,7 @@ def verify(
     deep: bool = False,
     step: Step | None = None,
     problem: Callable[[Missed], None] | None = None,
+    keys: KeyRing | None = None,
 ) -> dict[str, SiteVerdict]:
     """Check that every referenced object is at every one of ``sites`` (and intact, if ``deep``).
 
@@ -262,9 +289,9 @@ def verify(
                         problem(entry)
 
         try:
-            for key, size in referenced(index):
+            for key, size in referenced(index, keys):
                 per_site = {
-                    site.name: pool.submit(_check_one, index, site, key, size, deep)
+                    site.name: pool.submit(_check_one, index, site, key, size, deep, keys)
                     for site in sites
                     if not verdicts[site.name].unreachable
                 }
@@ -278,12 +305,14 @@ def verify(
     return verdicts
 
 
-def _check_one(index: Index, site: ObjectStore, key: str, size: int | None, deep: bool) -> str:
+def _check_one(
+    index: Index, site: ObjectStore, key: str, size: int | None, deep: bool, keys: KeyRing | None
+) -> str:
     """'' if the copy is good, else 'missing' or 'corrupt: why'.  Raises SiteUnavailable."""
     if not deep:
         return "" if site.exists(key) else "missing"
     try:
-        checker(index, key, size)(site.get(key))
+        checker(index, key, size, keys)(site.get(key))
     except ObjectNotFound:
         return "missing"
     except CorruptObject as exc:
