@@ -197,8 +197,39 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES if hidden else errno.ENOENT)
             node = found
         if not self.guard.may_see(ctx.uid, node):
+            await self._audit_refused_lookup(node, ctx)
             raise pyfuse3.FUSEError(errno.EACCES)
         return self.attributes(node)
+
+    async def _audit_refused_lookup(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
+        """Write the audit line of a name refused to a mapped user.
+
+        The kernel caches names for everyone, so whether an attempt to open a
+        patient's file is refused here or in ``open`` depends on what other users
+        looked up before.  Either way it is a refused attempt at that patient's
+        data, and the audit log gets exactly one line for it.  (Unmapped uids are
+        refused everything, listings included, and are not about one patient.)
+        """
+        if self.audit_log is None or self.guard.user(ctx.uid) is None:
+            return
+        user, study, decision = self.guard.decide_node(ctx.uid, node)
+        entry = audit.open_entry(
+            now=self.guard.clock(),
+            uid=ctx.uid,
+            user=user,
+            pid=ctx.pid,
+            path=self.index.path_of(node.ino),
+            patient=study.patient if study else "",
+            study=study.uid if study else "",
+            allowed=False,
+            rule=decision.rule,
+        )
+        entry["event"] = "lookup"
+        self.counters.denials += 1
+        try:
+            await self.audit_log.record(entry)
+        except audit.AuditUnavailable as exc:
+            log.error("%s; a refused lookup of inode %d went unrecorded", exc, node.ino)
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

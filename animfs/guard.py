@@ -78,6 +78,21 @@ class Guard:
         state = self.index.patient_state(study.patient)
         return user, study, decide_open(user, study.institution, state, self.clock())
 
+    def decide_node(self, uid: int, node: Node) -> tuple[User | None, Study | None, Decision]:
+        """The open decision for the study a node leads to (for a patient folder, its
+        first study): what a refused lookup of ``node`` would have been, for the audit log."""
+        place = self._place(node)
+        study_ino = place.study_ino
+        if study_ino is None and place.patient_ino is not None:
+            first = self.index.entries(place.patient_ino, None, 1)
+            study_ino = first[0].ino if first else None
+        study = self._study(study_ino) if study_ino is not None else None
+        user = self.user(uid)
+        if study is None:
+            return user, None, Decision(False, "not-visible")
+        state = self.index.patient_state(study.patient)
+        return user, study, decide_open(user, study.institution, state, self.clock())
+
     # -- listings ------------------------------------------------------------------------
 
     def may_see(self, uid: int, node: Node) -> bool:

@@ -281,7 +281,11 @@ def test_break_the_glass_needs_a_reason_and_expires(world: World) -> None:
     wait_for(lambda: time.time() > until + 0.05, 10, "the short grant to expire")
     assert open_as(CHL_DR, other) == {"errno": 13}
 
-    opens = [e for e in audit_lines(a) if e["event"] == "open" and e["uid"] == CHL_DR]
+    # A refused attempt is refused at open, or at the lookup of a name the kernel
+    # no longer caches: one line either way.
+    opens = [
+        e for e in audit_lines(a) if e["event"] in ("open", "lookup") and e["uid"] == CHL_DR
+    ]
     assert [(e["decision"], e["rule"], e["break_glass"]) for e in opens] == [
         ("deny", "no-consent", False),
         ("allow", "break-glass", True),
@@ -344,4 +348,19 @@ def test_editing_any_line_fails_verify_at_that_line(world: World) -> None:
     result = a.run("audit", "verify", check=False)
     assert result.returncode == 1 and "line 3:" in result.stdout
     path.write_bytes(original)
+    assert a.run("audit", "verify").returncode == 0
+
+
+def test_a_refused_attempt_is_audited_even_when_the_kernel_forgot_the_names(world: World) -> None:
+    """With the kernel's name cache dropped, the clinician's attempt stops at the lookup
+    of the patient folder, never reaching open: it still gets its one audit line."""
+    a, other = world.archive, world.file_of(HRS_PATIENT)
+    before = len(audit_lines(a))
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes
+    assert open_as(CHL_DR, other) == {"errno": 13}
+    new = [e for e in audit_lines(a)[before:] if e["uid"] == CHL_DR]
+    assert [(e["event"], e["decision"], e["rule"], e["patient"]) for e in new] == [
+        ("lookup", "deny", "no-consent", HRS_PATIENT)
+    ]
+    assert new[0]["path"] == "/" + str(world.patient_dir(HRS_PATIENT).relative_to(world.mount.path))
     assert a.run("audit", "verify").returncode == 0
