@@ -197,6 +197,8 @@ def cmd_cache_clear(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prefetch(args: argparse.Namespace) -> int:
+    import functools
+
     from animfs import warm
     from animfs.cache import check_stored
     from animfs.diskcache import DiskCache
@@ -216,7 +218,7 @@ def cmd_cache_prefetch(args: argparse.Namespace) -> int:
             progress.close()
             print(f"animfs: {text}", file=sys.stderr)
 
-        check = check_stored
+        check = functools.partial(check_stored, keys=_keys(config))
         try:
             done = warm.prefetch(
                 index, store, disk, node, step=progress.step, problem=problem, check=check
