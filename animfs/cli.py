@@ -137,6 +137,36 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_cd(args: argparse.Namespace) -> int:
+    import os
+
+    from animfs.export import ExportError, export_cd
+    from animfs.keys import for_config
+
+    config = _load(args)
+    index, store = _open_archive(config)
+    progress = Progress("export-cd")
+    try:
+        done = export_cd(
+            config,
+            index,
+            store,
+            for_config(config),
+            args.patient,
+            Path(args.dest),
+            uid=os.getuid(),
+            step=progress.step,
+        )
+    except ExportError as exc:
+        raise Failure(str(exc)) from None
+    finally:
+        progress.close()
+        store.close()
+        index.close()
+    print(f"{args.dest}: DICOMDIR, README.TXT and {done.instances} files, {done.bytes} bytes")
+    return 0
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from animfs import mount
 
@@ -609,6 +639,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("mountpoint")
     c = add("umount", cmd_umount, "unmount a mounted archive")
     c.add_argument("mountpoint")
+    c = add("export-cd", cmd_export_cd, "write a patient's DICOM medium (DICOMDIR) to a folder")
+    c.add_argument("--patient", required=True, help="the patient, as ISSUER-PATIENTID")
+    c.add_argument("dest", help="a new or empty folder")
     _add_access_commands(sub)
     add("status", cmd_status, "sites, index, repair and cache state as JSON")
     cache = sub.add_parser("cache", help="the local disk cache of chunks").add_subparsers(

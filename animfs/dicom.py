@@ -54,6 +54,7 @@ class Instance:
     institution_name: str
     transfer_syntax: str
     charset: str
+    study_id: str = ""  # StudyID (0020,0010): for the DICOMDIR; absent from older manifests
 
     @property
     def patient_key(self) -> str:
@@ -262,6 +263,7 @@ def _instance(ds: Any, issuer_default: str) -> Instance:
         institution_name=_text(ds, "InstitutionName"),
         transfer_syntax=transfer_syntax,
         charset=str(charset),
+        study_id=_text(ds, "StudyID"),
     )
 
 

@@ -21,7 +21,7 @@ import os
 import stat
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -29,6 +29,7 @@ import pyfuse3
 
 from animfs import audit
 from animfs.cache import READ_AHEAD, ChunkCache, ChunkUnavailable
+from animfs.cdtree import CdTree, Entry, is_cd
 from animfs.chunks import CHUNK_SIZE, ChunkRef, chunk_key
 from animfs.config import User
 from animfs.guard import Guard
@@ -142,6 +143,8 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
+        self.cd = CdTree(index)  # /cd: each patient as a DICOM medium
+        self._cd_files: dict[int, bytes] = {}  # open DICOMDIR or README.TXT: content at open
         self._status: dict[int, bytes] = {}  # open /.animfs/status: its content at open
         self.counters = Counters()
         self.started = time.time()
@@ -164,7 +167,9 @@ class Operations(pyfuse3.Operations):
             attr.attr_timeout = FOLDER_ATTR_TIMEOUT
         else:
             attr.st_mode = (stat.S_IFREG | 0o444) if node.kind == FILE else (stat.S_IFLNK | 0o777)
-            attr.st_nlink = 1
+            # An instance file has two names: under /patients and under /cd.  Saying so
+            # lets du, tar and rsync -H count and copy it once.
+            attr.st_nlink = 2 if node.kind == FILE and node.instance else 1
             attr.st_size = node.size
             attr.entry_timeout = IMMUTABLE_TIMEOUT
             attr.attr_timeout = IMMUTABLE_TIMEOUT
@@ -177,7 +182,11 @@ class Operations(pyfuse3.Operations):
         return attr
 
     def _node(self, ino: int) -> Node:
-        node = self.index.node(ino)
+        if is_cd(ino):
+            entry = self.cd.entry(ino)
+            node = None if entry is None else entry.node
+        else:
+            node = self.index.node(ino)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
@@ -186,6 +195,8 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if is_cd(parent_inode) and name not in (b".", b".."):
+            return await self._cd_lookup(parent_inode, name, ctx)
         if name == b".":
             node = self._node(parent_inode)
         elif name == b"..":
@@ -233,6 +244,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if is_cd(inode):
+            return self._cd_attributes(await self._cd_entry(inode))
         return self.attributes(self._node(inode))
 
     @handler
@@ -265,6 +278,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if is_cd(inode):
+            return await self._cd_opendir(inode, ctx)
         node = self._node(inode)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -277,6 +292,8 @@ class Operations(pyfuse3.Operations):
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self._dirs[fh]
+        if is_cd(d.ino):
+            return await self._cd_readdir(d, start_id, token)
         if start_id == 0:
             after = None
         elif start_id == d.resume_id:
@@ -322,6 +339,8 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if is_cd(inode):
+            return await self._cd_open(inode, ctx)
         node = self._node(inode)
         if node.kind == DIR:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -358,9 +377,12 @@ class Operations(pyfuse3.Operations):
             if manifest is not None:
                 self.cache.prefetch(manifest.chunks[:SERIES_CHUNKS], bypass=bypass)
 
-    async def _authorize(self, node: Node, manifest: Manifest, ctx: pyfuse3.RequestContext) -> None:
+    async def _authorize(
+        self, node: Node, manifest: Manifest, ctx: pyfuse3.RequestContext, path: str = ""
+    ) -> None:
         """Decide an open and write its audit line; a granted open returns once the line
-        is durable.  Denials are not logged here: the audit log is where they go."""
+        is durable.  Denials are not logged here: the audit log is where they go.
+        ``path`` is what the line names (default: the node's path)."""
         assert self.audit_log is not None
         user, study, decision = self.guard.decide_open(ctx.uid, manifest)
         entry = audit.open_entry(
@@ -368,7 +390,7 @@ class Operations(pyfuse3.Operations):
             uid=ctx.uid,
             user=user,
             pid=ctx.pid,
-            path=self.index.path_of(node.ino),
+            path=path or self.index.path_of(node.ino),
             patient=study.patient,
             study=study.uid,
             allowed=decision.allowed,
@@ -385,6 +407,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if fh in self._cd_files:
+            return self._cd_files[fh][off : off + size]
         if fh in self._status:
             return self._status[fh][off : off + size]
         f = self._files[fh]
@@ -412,6 +436,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def release(self, fh: int) -> None:
         self._files.pop(fh, None)
+        self._cd_files.pop(fh, None)
         self._status.pop(fh, None)
 
     # -- /.animfs/status -------------------------------------------------------------
@@ -450,6 +475,118 @@ class Operations(pyfuse3.Operations):
                 "open_files": len(self._files),
             },
         }
+
+    # -- /cd: each patient as a DICOM medium (animfs/cdtree.py) ------------------------
+    # lookup, getattr, opendir, readdir and open hand the inodes of /cd to these.  An
+    # IM file there is the instance's /patients inode: its open is the usual one.
+    # Access follows the /patients node each entry stands for (Entry.base).
+
+    def _cd_attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        attr = self.attributes(entry.node)
+        if entry.changes:
+            # A DICOMDIR grows with its patient: the kernel must ask for its size at each
+            # stat, and at a read past the size it knows (then dropping its cached pages).
+            attr.attr_timeout = 0
+        return attr
+
+    async def _cd_entry(self, inode: int) -> Entry:
+        entry = await self.cd.entry_async(inode)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return entry
+
+    async def _cd_lookup(
+        self, parent: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        entry = await self.cd.lookup_async(parent, name)
+        if entry is None:
+            hidden = self.guard.conceals_missing(ctx.uid, self.cd.listed_like(parent))
+            raise pyfuse3.FUSEError(errno.EACCES if hidden else errno.ENOENT)
+        if not self.guard.may_see(ctx.uid, entry.base):
+            await self._audit_refused_lookup(entry.base, ctx)  # as under /patients
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return self._cd_attributes(entry)
+
+    async def _cd_opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        entry = await self._cd_entry(inode)
+        if not entry.node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if not self.guard.may_see(ctx.uid, entry.base):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        fh = self._new_fh()
+        self._dirs[fh] = OpenDir(inode, uid=ctx.uid)
+        return fh
+
+    async def _cd_readdir(self, d: OpenDir, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        folder = await self._cd_entry(d.ino)
+        if folder.is_root:  # /cd itself: the names of /patients
+            await self._cd_readdir_patients(d, start_id, token)
+            return
+        await self.cd.warm(folder)  # its DICOMDIR's size is listed
+        check = self.guard.filters(d.uid, folder.base.ino)
+        for offset, entry in self.cd.children(d.ino, start_id):
+            if check and not self.guard.may_see(d.uid, entry.base):
+                continue
+            attr = self._cd_attributes(entry)
+            if not pyfuse3.readdir_reply(token, entry.name, attr, offset):
+                return
+
+    async def _cd_readdir_patients(
+        self, d: OpenDir, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        patients = self.cd.patients_folder
+        if start_id == 0:
+            after = None
+        elif start_id == d.resume_id:
+            after = d.resume_name
+        else:
+            after = self._name_at(patients, start_id)
+        position = start_id
+        check = self.guard.filters(d.uid, patients)
+        while True:
+            batch = self.index.entries(patients, after, 256)
+            if not batch:
+                return
+            for patient in batch:
+                after = patient.name
+                position += 1
+                if check and not self.guard.may_see(d.uid, patient):
+                    continue
+                entry = self.cd.patient_entry(patient)
+                if entry is None:
+                    continue
+                attr = self._cd_attributes(entry)
+                if not pyfuse3.readdir_reply(token, patient.name, attr, position):
+                    return
+                d.resume_id, d.resume_name = position, patient.name
+
+    async def _cd_open(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        entry = await self._cd_entry(inode)
+        if entry.node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if entry.is_readme:  # the same text for every patient: no patient data in it
+            if not self.guard.may_see(ctx.uid, entry.base):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            data = self.cd.readme
+        else:
+            medium = await self.cd.medium_async(entry.base)
+            if self.guard.enforced:
+                await self._cd_authorize(entry, medium.studies, ctx)
+            data = medium.data
+        fh = self._new_fh()
+        self._cd_files[fh] = data
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    async def _cd_authorize(
+        self, entry: Entry, studies: Sequence[Manifest], ctx: pyfuse3.RequestContext
+    ) -> None:
+        """A DICOMDIR describes every study of its patient, so opening it is an open of
+        each: allowed only if each is, with one audit line per study; refused with the
+        line of the first study refused."""
+        refused = [m for m in studies if not self.guard.decide_open(ctx.uid, m)[2].allowed]
+        path = self.cd.path_of(entry)
+        for manifest in refused[:1] or studies:
+            await self._authorize(entry.node, manifest, ctx, path=path)
 
     async def flush(self, fh: int) -> None:
         # Nothing to flush on a read-only file system; ENOSYS makes the kernel stop

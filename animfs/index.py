@@ -33,7 +33,22 @@ so that keys sort numerically, little-endian in values):
 ``records``    patient key -> b"in-order" | b"closed" | b"opted-out" (absent: in order).
 ``break_glass`` patient key + b"\\0" + uid (u32 BE) -> JSON {"uid", "granted", "until",
                "reason"}: the latest break-the-glass grant of that uid for that patient.
+``media``      the /cd tree, one DICOM medium per patient (:mod:`animfs.media`); numbers
+               are given once, when an instance is committed, in commit order:
+                 b"f\0" + instance key -> study, series, image number (u32 BE each): the
+                   instance's file ID DICOM/ST<study>/SE<series>/IM<image> (6 digits each)
+                 b"e\0" + folder inode (u64 BE) + number (u32 BE) -> inode (u64 BE) of the
+                   study, series or instance with that number in that patient, study or series
+                 b"n\0" + folder inode (u64 BE) -> the last number given in it (u32 BE)
+                 b"c\0" + cd inode (u64 BE) -> kind (1 byte) | inode (u64 BE) | number (u32 BE):
+                   an entry of /cd: P /cd/<patient>, M its DICOMDIR, T its README.TXT, D its
+                   DICOM/ (inode: the patient folder's; number 0); S a study, R a series folder
+                   (inode: that folder's under /patients)
+                 b"i\0" + kind + inode (u64 BE) -> cd inode (u64 BE) | number (u32 BE): the
+                   reverse of b"c"
 ``meta``       b"format" -> b"1".
+               b"media" -> b"1" once every instance has its file ID (older indexes are
+                 numbered when opened, in ingest order).
                b"state\\0" + patient key -> time (ns, text) of the patient's last access
                  change not yet written to the sites as a state object (animfs.state).
                b"audit-head" -> JSON {"head", "bytes", "time"}: the audit log's chain head
@@ -52,6 +67,8 @@ Inodes 1..65535 are reserved for the fixed and virtual entries (:data:`ROOT_INO`
 and friends).  Every other inode is derived from a hash of the identity, so
 it is the same on every host and after a rebuild, and it is recorded in the
 manifest; a (rare) hash collision is resolved by re-hashing with a counter.
+Inodes from 2**63 (:data:`CD_FIRST_INO`) are the folders and files of the /cd
+tree (see ``media``); an instance file there has its /patients inode.
 
 Concurrency: a transaction opens and closes inside one synchronous method and
 never spans an ``await``.  Ingest plans a placement in a read transaction,
@@ -100,6 +117,13 @@ FIXED_FILES = {STATUS_INO: (CONTROL_INO, b"status")}
 VIEWS = (BY_DATE_INO, BY_MODALITY_INO)
 FIRST_DYNAMIC_INO = 1 << 16
 
+CD_INO = 8  # /cd: one DICOM medium per patient, made by _ensure_media
+CD_FIRST_INO = 1 << 63  # inodes of the /cd tree, see "media" above
+CD_PATIENT, CD_DICOMDIR, CD_README, CD_DICOM, CD_STUDY, CD_SERIES = b"PMTDSR"
+_MEDIA_FILE = struct.Struct(">III")
+_CD_ENTRY = struct.Struct(">cQI")
+_CD_INO = struct.Struct(">QI")
+
 _HEAD = struct.Struct("<BQqQH")
 _DIR_TAIL = struct.Struct("<QQQ")
 _U64 = struct.Struct(">Q")
@@ -115,6 +139,7 @@ _DBS = (
     "consents",
     "records",
     "break_glass",
+    "media",
 )
 _U32 = struct.Struct(">I")
 _STATE = b"state\0"  # meta: access state changed, not yet at the sites
@@ -209,6 +234,7 @@ class Index:
         with self.env.begin(write=True) as txn:
             self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in _DBS}
         self._ensure_roots()
+        self._ensure_media()
 
     def close(self) -> None:
         self.env.close()
@@ -775,6 +801,7 @@ class Index:
         if place.link_ino in new_dirs:
             self._grow(txn, STUDIES_INO, t, files=0, nbytes=0, subdirs=0)
         self._add_views(txn, manifest)
+        self._assign_media(txn, manifest)
         txn.put(manifest.key, manifest.to_bytes(), db=dbs["instances"])
         for ref in manifest.chunks:
             key = bytes.fromhex(ref.id)
@@ -848,6 +875,137 @@ class Index:
         txn.put(_dirent_key(parent, final), _ino_key(ino), db=dbs["dirents"])
         txn.put(identity, _ino_key(ino), db=dbs["ids"])
         return ino
+
+    # -- the /cd tree ------------------------------------------------------------------
+
+    def _ensure_media(self) -> None:
+        """Add /cd to an index made before it existed, and number its instances."""
+        with self.env.begin() as txn:
+            if txn.get(b"media", db=self._db["meta"]) == b"1":
+                return
+        with self._write() as txn:
+            nodes = self._db["nodes"]
+            if txn.get(_ino_key(CD_INO), db=nodes) is None:
+                root = _decode_node(ROOT_INO, txn.get(_ino_key(ROOT_INO), db=nodes))
+                cd = Node(CD_INO, DIR, ROOT_INO, b"cd", root.mtime_ns, 0)
+                txn.put(_ino_key(CD_INO), _encode_node(cd), db=nodes)
+                txn.put(_dirent_key(ROOT_INO, b"cd"), _ino_key(CD_INO), db=self._db["dirents"])
+                root = dataclasses.replace(root, subdirs=root.subdirs + 1)
+                txn.put(_ino_key(ROOT_INO), _encode_node(root), db=nodes)
+            earlier = [
+                Manifest.from_bytes(bytes(v)) for _, v in txn.cursor(db=self._db["instances"])
+            ]
+            for manifest in sorted(earlier, key=lambda m: m.ingested_ns):
+                self._assign_media(txn, manifest)
+            txn.put(b"media", b"1", db=self._db["meta"])
+
+    def _assign_media(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
+        """Give an instance its file ID on its patient's medium, unless it has one."""
+        db = self._db["media"]
+        key = b"f\0" + manifest.key
+        if txn.get(key, db=db) is not None:
+            return
+        p = manifest.placement
+        if txn.get(b"i\0" + CD_PATIENT.to_bytes() + _U64.pack(p.patient_ino), db=db) is None:
+            for kind in (CD_PATIENT, CD_DICOMDIR, CD_README, CD_DICOM):
+                self._new_cd_ino(txn, kind, p.patient_ino, 0)
+        study = self._media_number(txn, CD_STUDY, p.patient_ino, p.study_ino)
+        series = self._media_number(txn, CD_SERIES, p.study_ino, p.series_ino)
+        image = self._media_number(txn, 0, p.series_ino, p.file_ino)
+        txn.put(key, _MEDIA_FILE.pack(study, series, image), db=db)
+
+    def _media_number(self, txn: lmdb.Transaction, kind: int, parent: int, child: int) -> int:
+        """The number of ``child`` in ``parent`` (given now if it has none); a study and a
+        series also get their /cd inode (kind), an instance (kind 0) keeps its own."""
+        db = self._db["media"]
+        if kind:
+            found = txn.get(b"i\0" + kind.to_bytes() + _U64.pack(child), db=db)
+            if found is not None:
+                return int(_CD_INO.unpack(found)[1])
+        counter = b"n\0" + _U64.pack(parent)
+        last = txn.get(counter, db=db)
+        number = (_U32.unpack(last)[0] if last is not None else 0) + 1
+        txn.put(counter, _U32.pack(number), db=db)
+        txn.put(b"e\0" + _U64.pack(parent) + _U32.pack(number), _U64.pack(child), db=db)
+        if kind:
+            self._new_cd_ino(txn, kind, child, number)
+        return number
+
+    def _new_cd_ino(self, txn: lmdb.Transaction, kind: int, ino: int, number: int) -> None:
+        db = self._db["media"]
+        attempt = 0
+        while True:
+            seed = b"cd\0" + kind.to_bytes() + _U64.pack(ino) + str(attempt).encode()
+            cd_ino = CD_FIRST_INO | int.from_bytes(hashlib.sha256(seed).digest()[:8], "big") >> 2
+            if txn.get(b"c\0" + _U64.pack(cd_ino), db=db) is None:
+                break
+            attempt += 1
+        txn.put(b"c\0" + _U64.pack(cd_ino), _CD_ENTRY.pack(kind.to_bytes(), ino, number), db=db)
+        txn.put(b"i\0" + kind.to_bytes() + _U64.pack(ino), _CD_INO.pack(cd_ino, number), db=db)
+
+    def cd_entry(self, cd_ino: int) -> tuple[int, int, int] | None:
+        """(kind, inode under /patients, number) of a /cd inode, or None."""
+        with self.env.begin() as txn:
+            value = txn.get(b"c\0" + _U64.pack(cd_ino), db=self._db["media"])
+        if value is None:
+            return None
+        kind, ino, number = _CD_ENTRY.unpack(value)
+        return kind[0], ino, number
+
+    def cd_ino(self, kind: int, ino: int) -> tuple[int, int] | None:
+        """(cd inode, number) of a /cd entry, by kind and its inode under /patients."""
+        with self.env.begin() as txn:
+            value = txn.get(b"i\0" + kind.to_bytes() + _U64.pack(ino), db=self._db["media"])
+        return None if value is None else _CD_INO.unpack(value)
+
+    def cd_children(self, parent: int, after: int, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` (number, inode) numbered in ``parent``, numbers above ``after``."""
+        prefix = b"e\0" + _U64.pack(parent)
+        out: list[tuple[int, int]] = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._db["media"])
+            if not cursor.set_range(prefix + _U32.pack(after + 1)):
+                return out
+            for key, value in cursor:
+                if not key.startswith(prefix) or len(out) >= limit:
+                    break
+                out.append((_U32.unpack(key[-4:])[0], _U64.unpack(value)[0]))
+        return out
+
+    def cd_child(self, parent: int, number: int) -> int | None:
+        """The inode numbered ``number`` in ``parent``, or None."""
+        with self.env.begin() as txn:
+            key = b"e\0" + _U64.pack(parent) + _U32.pack(number)
+            value = txn.get(key, db=self._db["media"])
+        return None if value is None else int(_U64.unpack(value)[0])
+
+    def media_manifests(self, patient: int) -> list[tuple[int, int, int, bytes]]:
+        """(study, series, image number, manifest JSON) of every instance of a patient
+        folder, in file ID order, read in one transaction."""
+        db, nodes, instances = self._db["media"], self._db["nodes"], self._db["instances"]
+        out: list[tuple[int, int, int, bytes]] = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=db)
+
+            def numbered(parent: int) -> list[tuple[int, int]]:
+                prefix = b"e\0" + _U64.pack(parent)
+                if not cursor.set_range(prefix):
+                    return []
+                found = []
+                for key, value in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    found.append((_U32.unpack(key[-4:])[0], _U64.unpack(value)[0]))
+                return found
+
+            for study, study_ino in numbered(patient):
+                for series, series_ino in numbered(study_ino):
+                    for image, file_ino in numbered(series_ino):
+                        node = _decode_node(file_ino, txn.get(_ino_key(file_ino), db=nodes))
+                        data = txn.get(node.instance, db=instances)
+                        if data is not None:
+                            out.append((study, series, image, bytes(data)))
+        return out
 
     def _grow(
         self,

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr dcmtk rsync util-linux
+apt_packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr dcmtk dicom3tools rsync util-linux
               libgdcm-tools dcm2niix)
 missing=()
 for pkg in "${apt_packages[@]}"; do

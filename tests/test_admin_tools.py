@@ -247,7 +247,7 @@ def test_du_find_and_stat_agree_with_the_index(world: World) -> None:
             assert int(ino) == manifest.placement.file_ino
             assert int(size) == manifest.size
             assert int(mtime) == manifest.ingested_ns // 10**9
-            assert (mode, links) == ("444", "1")
+            assert (mode, links) == ("444", "2")  # its names under /patients and /cd
             assert os.stat(path).st_mtime_ns == manifest.ingested_ns
 
         # df: the archive's logical size, nothing free.
