@@ -282,6 +282,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from animfs.index import check as check_index
     from animfs.repair import verify
 
     config = _load(args)
@@ -299,6 +300,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{entry.site}: {entry.key}: {entry.reason.removeprefix('verify: ')}")
 
     try:
+        inconsistent = check_index(index)  # the index against itself, before the sites
         verdicts = verify(
             index, sites, deep=args.deep, step=progress.step, problem=problem, keys=ring
         )
@@ -306,6 +308,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         progress.close()
         store.close()
         index.close()
+    for line in inconsistent:
+        print(f"index: INCONSISTENT: {line}")
+    if not inconsistent:
+        print(f"index: consistent, {counts['instances']} instances")
     for name, v in verdicts.items():
         if v.unreachable:
             print(f"{name}: UNREACHABLE after {v.checked} objects: {v.unreachable}")
@@ -317,7 +323,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 f"{name}: INCOMPLETE, {v.missing} missing, {v.corrupt} corrupt "
                 f"of {v.checked} objects; journalled for 'animfs repair'"
             )
-    return 0 if all(v.complete for v in verdicts.values()) else 1
+    return 0 if all(v.complete for v in verdicts.values()) and not inconsistent else 1
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from animfs import gc, keys
+    from animfs.manifest import Manifest
+
+    config = _load(args)
+    ring = _keys(config)
+    index, store = _open_archive(config)
+
+    def open_manifest(name: str, stored: bytes) -> bytes:
+        try:
+            return keys.open_with(ring, name, stored)
+        except keys.SealError as exc:
+            raise ValueError(str(exc)) from None
+
+    def manifest_name(manifest: Manifest) -> str:
+        return manifest.object_key_with(ring)
+
+    progress = Progress("gc")
+    try:
+        report = gc.collect(
+            index,
+            store.sites,
+            grace=args.grace * 3600,
+            delete=args.delete,
+            manifest_name=manifest_name,
+            open_manifest=open_manifest,
+            step=progress.step,
+        )
+    finally:
+        progress.close()
+        store.close()
+        index.close()
+    for o in report.orphans:
+        what = "temporary file" if o.temporary else "orphan"
+        print(f"{o.site}: {o.key}: {what}, {o.size} bytes, {o.age / 3600:.1f} h old")
+    print(f"gc: {report.line(args.delete)}")
+    return 1 if report.blocked else 0
 
 
 def _changes(args: argparse.Namespace) -> Any:
@@ -659,6 +704,11 @@ def parser() -> argparse.ArgumentParser:
     c = add("verify", cmd_verify, "check that every referenced object is at every site")
     c.add_argument("--site", help="check only this site")
     c.add_argument("--deep", action="store_true", help="also read every object and check it")
+    c = add("gc", cmd_gc, "find chunks no instance uses (left by a crash); --delete removes them")
+    c.add_argument("--delete", action="store_true", help="delete them (default: only list)")
+    c.add_argument("--grace", type=float, default=24.0, metavar="HOURS",
+                   help="spare what was written this recently: an ingest may be about to "
+                   "commit it (default 24)")
     _add_recovery_commands(sub)
     return p
 

@@ -1059,3 +1059,222 @@ def _conflict_message(identity: bytes) -> str:
     what = {b"S": "StudyInstanceUID", b"R": "SeriesInstanceUID"}.get(kind, "identity")
     parent = {b"S": "patient", b"R": "study"}.get(kind, "folder")
     return f"{what} {uid.decode(errors='replace')} already belongs to another {parent}"
+
+
+# -- consistency ---------------------------------------------------------------------
+
+_IDENTITY_KINDS = {b"P": DIR, b"S": DIR, b"R": DIR, b"I": FILE, b"L": LINK}
+
+
+def check(index: Index, limit: int = 100) -> list[str]:
+    """Every way the index contradicts itself, one line each (at most ``limit``); [] if none.
+
+    Read in one transaction, so it can run while an ingest or a mount uses the
+    index, and judges one committed state.  It holds that: every name leads to a
+    whole node and every node has its one name and one identity; a file, its
+    instance record, its placement and its chunk references agree; a chunk's
+    reference count is the number of instances that use it; a folder's counts
+    are those of what is below it, and no folder is empty (so a crash can never
+    show a study or series without its instances); every symlink resolves to a
+    folder, and every study has its /studies link; the repair journal names only
+    chunks and manifests the index references.  It walks everything, holding one
+    record per node in memory: an offline check, not for the mount's hot path.
+    """
+    problems: list[str] = []
+
+    def bad(text: str) -> None:
+        if len(problems) < limit:
+            problems.append(text)
+
+    dbs = index._db
+    with index.env.begin() as txn:
+        nodes: dict[int, Node] = {}
+        for key, value in txn.cursor(db=dbs["nodes"]):
+            ino = _U64.unpack(key)[0]
+            try:
+                nodes[ino] = _decode_node(ino, bytes(value))
+            except (struct.error, AssertionError) as exc:
+                bad(f"inode {ino}: unreadable node record ({exc})")
+
+        def path(ino: int) -> str:
+            parts: list[str] = []
+            while ino != ROOT_INO and ino in nodes and len(parts) < 64:
+                parts.append(nodes[ino].name.decode("utf-8", "surrogateescape"))
+                ino = nodes[ino].parent
+            return "/" + "/".join(reversed(parts))
+
+        # Names: dirents <-> nodes.
+        children: dict[int, list[int]] = {}
+        named: set[int] = set()
+        for key, value in txn.cursor(db=dbs["dirents"]):
+            parent, name, child = _U64.unpack(key[:8])[0], bytes(key[8:]), _U64.unpack(value)[0]
+            node = nodes.get(child)
+            if node is None:
+                bad(f"{path(parent)}/{name!r}: names inode {child}, which does not exist")
+            elif (node.parent, node.name) != (parent, name):
+                bad(f"{path(parent)}/{name!r}: names inode {child}, recorded as {path(child)}")
+            elif child in named:
+                bad(f"{path(child)}: inode {child} has more than one name")
+            else:
+                named.add(child)
+                children.setdefault(parent, []).append(child)
+        for ino, node in nodes.items():
+            if ino == ROOT_INO:
+                continue
+            if ino not in named:
+                bad(f"inode {ino} ({node.name!r} in folder {node.parent}) has no folder entry")
+            parent_node = nodes.get(node.parent)
+            if parent_node is None or parent_node.kind != DIR:
+                bad(f"{path(ino)}: its parent {node.parent} is not a folder")
+
+        # Identities: each dynamic node has exactly one, of its kind.
+        identified: dict[int, bytes] = {}
+        for key, value in txn.cursor(db=dbs["ids"]):
+            identity, ino = bytes(key), _U64.unpack(value)[0]
+            node = nodes.get(ino)
+            kind = _IDENTITY_KINDS.get(identity.partition(b"\0")[0])
+            if node is None:
+                bad(f"identity {identity!r}: names inode {ino}, which does not exist")
+            elif kind is not None and node.kind != kind:
+                bad(f"identity {identity!r}: names {path(ino)}, a node of the wrong kind")
+            elif ino in identified:
+                bad(f"{path(ino)}: has two identities, {identified[ino]!r} and {identity!r}")
+            identified[ino] = identity
+        for ino in nodes:
+            if ino >= FIRST_DYNAMIC_INO and ino not in identified:
+                bad(f"{path(ino)}: inode {ino} has no identity")
+
+        # Instances: file <-> instance record <-> placement <-> chunk references.
+        files: dict[bytes, int] = {}
+        for ino, node in nodes.items():
+            if node.kind == FILE and ino >= FIRST_DYNAMIC_INO:
+                files[node.instance] = ino
+        uses: dict[str, int] = {}
+        stored: dict[str, int] = {}
+        for key, value in txn.cursor(db=dbs["instances"]):
+            try:
+                manifest = Manifest.from_bytes(bytes(value))
+            except ValueError as exc:
+                bad(f"instance record {bytes(key).hex()[:16]}: {exc}")
+                continue
+            what = f"instance {manifest.instance.sop_uid}"
+            p = manifest.placement
+            if manifest.key != bytes(key):
+                bad(f"{what}: recorded under the key of another SOPInstanceUID")
+            ino = files.pop(bytes(key), None)
+            if ino is None:
+                bad(f"{what}: recorded, but no file shows it")
+            elif ino != p.file_ino:
+                bad(f"{what}: placed at inode {p.file_ino}, shown as {path(ino)} (inode {ino})")
+            else:
+                chain = [
+                    (p.file_ino, p.series_ino, p.file_name),
+                    (p.series_ino, p.study_ino, p.series_name),
+                    (p.study_ino, p.patient_ino, p.study_name),
+                    (p.patient_ino, PATIENTS_INO, p.patient_name),
+                ]
+                for node_ino, parent, leaf in chain:
+                    node = nodes.get(node_ino)
+                    if node is None or (node.parent, node.name) != (parent, leaf.encode()):
+                        bad(f"{what}: {path(node_ino)} is not where its placement puts it")
+                        break
+                if nodes[ino].size != manifest.size:
+                    bad(f"{what}: {path(ino)} shows {nodes[ino].size} bytes of {manifest.size}")
+            if txn.get(b"I\0" + manifest.instance.sop_uid.encode(), db=dbs["ids"]) != _ino_key(
+                p.file_ino
+            ):
+                bad(f"{what}: its identity does not name inode {p.file_ino}")
+            if sum(ref.size for ref in manifest.chunks) != manifest.size:
+                bad(f"{what}: its chunks do not add up to its {manifest.size} bytes")
+            for ref in manifest.chunks:
+                uses[ref.id] = uses.get(ref.id, 0) + 1
+                stored[ref.id] = ref.stored
+        for ino in files.values():
+            bad(f"{path(ino)}: a file without an instance record (half-listed)")
+        for key, value in txn.cursor(db=dbs["chunks"]):
+            chunk = bytes(key).hex()
+            size, refs = _CHUNK.unpack(value)
+            used = uses.pop(chunk, 0)
+            if refs != used:
+                bad(f"chunk {chunk[:16]}: {refs} references recorded, {used} instances use it")
+            elif size != stored.get(chunk):
+                bad(f"chunk {chunk[:16]}: recorded as {size} bytes stored, instances say otherwise")
+        for chunk, used in uses.items():
+            bad(f"chunk {chunk[:16]}: used by {used} instances, not recorded")
+
+        # Folders: counts, emptiness, newest-entry mtime (under /patients).
+        totals: dict[int, tuple[int, int]] = {}
+
+        def below(ino: int, depth: int = 0) -> tuple[int, int]:
+            if ino in totals or depth > 64:
+                return totals.get(ino, (0, 0))
+            n = size = 0
+            for child in children.get(ino, ()):
+                node = nodes[child]
+                if node.kind == DIR:
+                    more = below(child, depth + 1)
+                    n, size = n + more[0], size + more[1]
+                elif node.kind == FILE and node.instance:
+                    n, size = n + 1, size + node.size
+            totals[ino] = (n, size)
+            return n, size
+
+        for ino, node in nodes.items():
+            if node.kind != DIR:
+                continue
+            kids = [nodes[c] for c in children.get(ino, ())]
+            subdirs = sum(k.kind == DIR for k in kids)
+            if node.subdirs != subdirs:
+                bad(f"{path(ino)}: records {node.subdirs} sub-folders, holds {subdirs}")
+            n, size = below(ino)
+            if (node.files, node.bytes_below) != (n, size):
+                bad(f"{path(ino)}: records {node.files} files of {node.bytes_below} bytes "
+                    f"below it, holds {n} of {size}")
+            if ino >= FIRST_DYNAMIC_INO and not kids:
+                bad(f"{path(ino)}: an empty folder")
+            if ino >= FIRST_DYNAMIC_INO and kids and path(ino).startswith("/patients/"):
+                newest = max(k.mtime_ns for k in kids)
+                if node.mtime_ns != newest:
+                    bad(f"{path(ino)}: mtime {node.mtime_ns} is not its newest entry's {newest}")
+
+        # Symlinks resolve to folders; every study has its /studies link.
+        def resolve(start: int, target: bytes) -> int | None:
+            ino: int | None = start
+            for part in target.split(b"/"):
+                if ino is None or part in (b"", b"."):
+                    continue
+                if part == b"..":
+                    ino = nodes[ino].parent if ino in nodes else None
+                    continue
+                found = txn.get(_dirent_key(ino, part), db=dbs["dirents"])
+                ino = None if found is None else _U64.unpack(found)[0]
+            return ino
+
+        for ino, node in nodes.items():
+            if node.kind != LINK:
+                continue
+            target = resolve(node.parent, node.target)
+            if target is None or target not in nodes or nodes[target].kind != DIR:
+                bad(f"{path(ino)}: symlink to {node.target!r} leads nowhere")
+            elif node.size != len(node.target):
+                bad(f"{path(ino)}: symlink size {node.size} is not its target's length")
+        for identity, value in _prefixed(txn, dbs["ids"], b"S\0"):
+            study = _U64.unpack(value)[0]
+            link = txn.get(b"L\0" + identity[2:], db=dbs["ids"])
+            link_node = None if link is None else nodes.get(_U64.unpack(link)[0])
+            if link_node is None or resolve(STUDIES_INO, link_node.target) != study:
+                bad(f"{path(study)}: no /studies link leads to it")
+
+        # The repair journal names only what the index references.
+        for key, _value in txn.cursor(db=dbs["journal"]):
+            site, _, obj = bytes(key).decode(errors="replace").partition("\0")
+            prefix, _, hex_name = obj.partition("/")
+            try:
+                raw = bytes.fromhex(hex_name)
+            except ValueError:
+                raw = b""
+            if prefix == "chunks" and txn.get(raw, db=dbs["chunks"]) is None:
+                bad(f"journal: {site}: {obj}: not referenced")
+            elif prefix == "manifests" and txn.get(raw, db=dbs["instances"]) is None:
+                bad(f"journal: {site}: {obj}: no such instance")
+    return problems

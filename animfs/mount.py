@@ -59,8 +59,12 @@ def check_mountpoint(mountpoint: Path) -> None:
     """
     try:
         os.stat(mountpoint)
+        if os.path.ismount(mountpoint):
+            # For a second after its process died, the kernel may still answer
+            # stat from its attribute cache; a listing always asks the process.
+            os.listdir(mountpoint)
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             raise MountError(f"{mountpoint}: {exc.strerror}") from None
         log.warning("%s: clearing a dead mount left by a process that was killed", mountpoint)
         subprocess.run(

@@ -123,6 +123,21 @@ def test_list_and_usage(store: ObjectStore) -> None:
     assert store.usage() == (10, sum(range(1, 11)))
 
 
+def test_list_info_gives_size_and_time_of_write(store: ObjectStore) -> None:
+    import time
+
+    before = time.time()
+    keys = {f"chunks/{i:02x}" + "2" * 62: b"w" * (i + 3) for i in range(4)}
+    for key, data in keys.items():
+        store.put(key, data)
+    store.put("manifests/" + "3" * 64, b"m")
+    infos = {info.key: info for info in store.list_info("chunks/")}
+    assert set(infos) == set(keys)
+    for key, info in infos.items():
+        assert info.size == len(keys[key])
+        assert before - 2 <= info.mtime <= time.time() + 2  # S3 times are whole seconds
+
+
 def test_other_keys_round_trip(store: ObjectStore) -> None:
     store.put("probe/sub/key", b"z")
     assert store.get("probe/sub/key") == b"z"

@@ -12,6 +12,7 @@ errno.  Methods block; async callers run them in a thread.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -33,6 +34,15 @@ class SiteUnavailable(StoreError):
 
 class CorruptObject(StoreError):
     """The object exists but its bytes are wrong (short, or fail their check)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as a listing shows it."""
+
+    key: str
+    size: int  # bytes stored
+    mtime: float  # when it was last written, epoch seconds
 
 
 class ObjectStore(Protocol):
@@ -61,6 +71,11 @@ class ObjectStore(Protocol):
 
     def list(self, prefix: str) -> Iterator[str]:
         """Every key that starts with ``prefix``, in no particular order."""
+        ...
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Like :meth:`list`, with each object's size and time of last write
+        (``animfs gc`` spares what was written recently)."""
         ...
 
     def usage(self) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from animfs.store.base import ObjectNotFound, SiteUnavailable
+from animfs.store.base import ObjectInfo, ObjectNotFound, SiteUnavailable
 
 _FANNED = ("chunks/", "manifests/")
 SYNCFS_ABOVE = 8  # objects to flush above which one syncfs beats an fsync each
@@ -147,6 +147,38 @@ class LocalStore:
                 )
                 if key.startswith(prefix):
                     yield key
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        for key in self.list(prefix):
+            try:
+                st = os.stat(self.path(key))
+            except FileNotFoundError:
+                continue  # deleted since it was listed
+            except OSError as exc:
+                raise self._unavailable(key, exc) from exc
+            yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def temporaries(self) -> Iterator[ObjectInfo]:
+        """Files a put was writing when its process died (``animfs gc`` removes old
+        ones); ``key`` is the file's path relative to the site folder."""
+        for dirpath, _dirs, files in os.walk(self.root):
+            for file in files:
+                if file.startswith(_TMP):
+                    path = Path(dirpath) / file
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue
+                    yield ObjectInfo(_relative_key(self.root, path), st.st_size, st.st_mtime)
+
+    def remove_temporary(self, relative: str) -> None:
+        path = self.root / relative
+        if not path.name.startswith(_TMP) or ".." in Path(relative).parts:
+            raise ValueError(f"not a temporary file: {relative!r}")
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise self._unavailable(relative, exc) from exc
 
     def usage(self) -> tuple[int, int]:
         objects = size = 0

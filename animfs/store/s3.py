@@ -33,7 +33,7 @@ import botocore.config
 import botocore.exceptions
 
 from animfs.config import SiteConfig
-from animfs.store.base import CorruptObject, ObjectNotFound, SiteUnavailable
+from animfs.store.base import CorruptObject, ObjectInfo, ObjectNotFound, SiteUnavailable
 
 CONNECT_TIMEOUT = 2.0  # seconds to open a connection: a dead host fails fast
 READ_TIMEOUT = 10.0  # seconds without a byte: a 4 MiB chunk never takes that long
@@ -201,6 +201,13 @@ class S3Store:
         cut = len(self.prefix)
         for entry in self._pages(prefix):
             yield entry["Key"][cut:]
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        cut = len(self.prefix)
+        for entry in self._pages(prefix):
+            yield ObjectInfo(
+                entry["Key"][cut:], int(entry.get("Size", 0)), entry["LastModified"].timestamp()
+            )
 
     def usage(self) -> tuple[int, int]:
         objects = size = 0
