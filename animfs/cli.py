@@ -89,6 +89,7 @@ def _open_archive(config: Config) -> tuple[Any, Any]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from animfs.index import IndexFull
     from animfs.ingest import Ingester, walk
 
     config = _load(args)
@@ -111,6 +112,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     try:
         summary = ingester.run(paths, report)
+    except IndexFull as exc:  # each group committed before it stays; the rest is not in
+        print(ingester.summary.line())
+        raise Failure(
+            f"{exc}; ingest stopped: {ingester.summary.ingested} instances were archived "
+            "before it, none after ('animfs gc' finds the chunks written for the rest)"
+        ) from None
     finally:
         progress.close()
         ingester.close()

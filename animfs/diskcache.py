@@ -65,6 +65,7 @@ class DiskCache:
         self._bytes = 0  # entries plus reservations of entries being written
         self._writing: dict[str, int] = {}
         self._touched_while_loading: set[str] | None = None
+        self._failing: int | None = None  # errno of the writes failing now (a full disk)
         self.counters = {
             "hits": 0,
             "misses": 0,
@@ -174,11 +175,27 @@ class DiskCache:
             except FileNotFoundError:  # first entry of its fan-out folder
                 path.parent.mkdir(exist_ok=True, mode=0o700)
                 os.replace(tmp, path)
-            return True
         except OSError as exc:
-            log.warning("disk cache: cannot write %s: %s", path, exc.strerror)
             self._unlink(tmp)
+            self.write_failed(exc)
             return False
+        if self._failing is not None:
+            self._failing = None
+            log.info("disk cache: %s takes writes again; caching resumes", self.dir)
+        return True
+
+    def write_failed(self, exc: OSError) -> None:
+        """Warn once while writes keep failing the same way: a full cache disk fails
+        every fill, and reads are served all the same, from the sites."""
+        with self._lock:
+            first, self._failing = self._failing != exc.errno, exc.errno
+        if first:
+            log.warning(
+                "disk cache: cannot write to %s: %s; chunks are served without caching "
+                "until it takes writes again",
+                self.dir,
+                exc.strerror,
+            )
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -313,8 +330,8 @@ def save_stats(cache: DiskCache, extra: dict[str, Any] | None = None) -> None:
         tmp.write_text(json.dumps(doc, sort_keys=True))
         os.replace(tmp, cache.dir / STATS_FILE)
     except OSError as exc:
-        log.warning("disk cache: cannot write %s: %s", cache.dir / STATS_FILE, exc.strerror)
         DiskCache._unlink(tmp)
+        cache.write_failed(exc)
 
 
 def report(directory: Path, max_bytes: int) -> dict[str, Any]:

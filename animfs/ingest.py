@@ -25,7 +25,7 @@ from typing import BinaryIO
 from animfs import chunks, keys
 from animfs.config import Config
 from animfs.dicom import NotDicom, read_header
-from animfs.index import Index, IndexError_
+from animfs.index import Index, IndexError_, IndexFull
 from animfs.manifest import Manifest, Placement, instance_key
 from animfs.store.dual import DualStore, Missed, NotEnoughSites
 
@@ -195,6 +195,8 @@ class Ingester:
         try:
             self._batch.drain()  # chunks durable before the index's write lock is taken
             results = self.index.commit_group([m for _, m in group], self._publish)
+        except IndexFull:
+            raise  # nothing of the group is in the index, and no later group would fit
         except (NotEnoughSites, IndexError_) as exc:
             return [(path, "refused", str(exc)) for path, _ in group]
         finally:
