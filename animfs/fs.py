@@ -28,11 +28,12 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from animfs import audit
+from animfs.access import Decision
 from animfs.cache import READ_AHEAD, ChunkCache, ChunkUnavailable
 from animfs.cdtree import CdTree, Entry, is_cd
 from animfs.chunks import CHUNK_SIZE, ChunkRef, chunk_key
 from animfs.config import User
-from animfs.guard import Guard
+from animfs.guard import Guard, Study
 from animfs.index import DIR, FILE, ROOT_INO, STATUS_INO, Index, Node
 from animfs.manifest import Manifest
 
@@ -212,6 +213,27 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         return self.attributes(node)
 
+    def _decision_entry(
+        self,
+        ctx: pyfuse3.RequestContext,
+        user: User | None,
+        study: Study | None,
+        decision: Decision,
+        path: str,
+    ) -> dict[str, Any]:
+        """The audit line of one access decision by the caller of ``ctx``."""
+        return audit.open_entry(
+            now=self.guard.clock(),
+            uid=ctx.uid,
+            user=user,
+            pid=ctx.pid,
+            path=path,
+            patient=study.patient if study else "",
+            study=study.uid if study else "",
+            allowed=decision.allowed,
+            rule=decision.rule,
+        )
+
     async def _audit_refused_lookup(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
         """Write the audit line of a name refused to a mapped user.
 
@@ -224,17 +246,7 @@ class Operations(pyfuse3.Operations):
         if self.audit_log is None or self.guard.user(ctx.uid) is None:
             return
         user, study, decision = self.guard.decide_node(ctx.uid, node)
-        entry = audit.open_entry(
-            now=self.guard.clock(),
-            uid=ctx.uid,
-            user=user,
-            pid=ctx.pid,
-            path=self.index.path_of(node.ino),
-            patient=study.patient if study else "",
-            study=study.uid if study else "",
-            allowed=False,
-            rule=decision.rule,
-        )
+        entry = self._decision_entry(ctx, user, study, decision, self.index.path_of(node.ino))
         entry["event"] = "lookup"
         self.counters.denials += 1
         try:
@@ -385,16 +397,8 @@ class Operations(pyfuse3.Operations):
         ``path`` is what the line names (default: the node's path)."""
         assert self.audit_log is not None
         user, study, decision = self.guard.decide_open(ctx.uid, manifest)
-        entry = audit.open_entry(
-            now=self.guard.clock(),
-            uid=ctx.uid,
-            user=user,
-            pid=ctx.pid,
-            path=path or self.index.path_of(node.ino),
-            patient=study.patient,
-            study=study.uid,
-            allowed=decision.allowed,
-            rule=decision.rule,
+        entry = self._decision_entry(
+            ctx, user, study, decision, path or self.index.path_of(node.ino)
         )
         try:
             await self.audit_log.record(entry)
