@@ -763,6 +763,10 @@ def _add_access_commands(sub: Any) -> None:
     c.add_argument("--json", action="store_true", help="print the log lines themselves")
 
 
+def _quiet_pydicom(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("pydicom") or record.levelno >= logging.ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -770,10 +774,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # pydicom logs what it makes of damaged input (undecodable names, odd lengths),
+        # and sets its logger's level when imported; a file it cannot read is refused in
+        # one line of ours, the rest is archived as it is.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_pydicom)
     try:
         result: int = args.fn(args)
         return result
     except (Failure, ConfigError) as exc:
+        print(f"animfs: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the index's own errors say what is wrong in one line
+        from animfs.index import IndexError_
+
+        if not isinstance(exc, IndexError_):
+            raise
         print(f"animfs: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

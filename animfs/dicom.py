@@ -298,7 +298,8 @@ def _slow_safe_name(text: str) -> str:
         elif unicodedata.category(ch) in ("Cc", "Cf", "Cs"):
             continue
         out.append(ch)
-    name = "".join(out)
+    # Again: a dropped character may have stood between a letter and its accent.
+    name = unicodedata.normalize("NFC", "".join(out))
     if name.strip(".") == "":
         name = name.replace(".", "_") or "_"
     return truncate(name, NAME_MAX)
