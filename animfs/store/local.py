@@ -63,6 +63,10 @@ class LocalStore:
     def put(self, key: str, data: bytes) -> None:
         path = self.path(key)
         tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
+        if not self.root.is_dir():
+            # Gone (an unmounted disk, a renamed folder): writing would make a new,
+            # empty site in its place, on whatever disk holds the folder above.
+            raise SiteUnavailable(self.name, key, f"site folder {self.root} is gone")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
