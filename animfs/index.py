@@ -21,9 +21,14 @@ so that keys sort numerically, little-endian in values):
                  b"D\\0" StudyInstanceUID        symlink under /by-date/YYYY/MM/DD
                  b"O\\0" MOD | MOD/YYYY | MOD/YYYY/MM  folders under /by-modality
                  b"M\\0" MOD "\\0" StudyInstanceUID  symlink under /by-modality/MOD/YYYY/MM
-``instances``  instance key (sha256 of SOPInstanceUID, 32 bytes) -> manifest JSON,
-               byte-identical to ``manifests/<key hex>`` at the sites, or with a key
-               to what ``manifests/<keyed name>`` opens to (animfs.manifest).
+``instances``  instance key (sha256 of SOPInstanceUID, 32 bytes) -> the instance record
+               (:mod:`animfs.record`, format 2: ~160 bytes: file and series inode, size,
+               SOPInstanceUID, checksum, chunk list, what differs from its series), or
+               in a format-1 index the manifest JSON (first byte ``{``, still read).
+               Either decodes to a manifest byte-identical to ``manifests/<key hex>``
+               at the sites, or with a key to what ``manifests/<keyed name>`` opens to.
+``series``     series inode (u64 BE) -> the series record (:mod:`animfs.record`): the
+               tags, institution, folder names and inodes its instances share.
 ``chunks``     chunk id (32 raw bytes) -> stored size u64 | references u64.
 ``journal``    site name + b"\\0" + object key -> JSON {"reason", "time"}: the
                repair journal, one entry per object a site lacks a good copy of.
@@ -46,7 +51,10 @@ so that keys sort numerically, little-endian in values):
                    (inode: that folder's under /patients)
                  b"i\0" + kind + inode (u64 BE) -> cd inode (u64 BE) | number (u32 BE): the
                    reverse of b"c"
-``meta``       b"format" -> b"1".
+``meta``       b"format" -> b"2" (b"1": instance records were all JSON; read as well).
+               b"sync\0" + host -> JSON {"after", "seen"}: how far ``animfs sync`` has
+                 read that host's log at the sites (:mod:`animfs.sync`); b"sync-last" ->
+                 JSON {"time", "added", "hosts"} of the last sync.
                b"media" -> b"1" once every instance has its file ID (older indexes are
                  numbered when opened, in ingest order).
                b"state\\0" + patient key -> time (ns, text) of the patient's last access
@@ -91,6 +99,7 @@ from typing import Any
 
 import lmdb
 
+from animfs import record
 from animfs.access import IN_ORDER, BreakGlass, Consent, PatientState
 from animfs.dicom import safe_name, unique_name
 from animfs.manifest import Manifest, Placement
@@ -140,9 +149,12 @@ _DBS = (
     "records",
     "break_glass",
     "media",
+    "series",
 )
 _U32 = struct.Struct(">I")
 _STATE = b"state\0"  # meta: access state changed, not yet at the sites
+FORMAT = b"2"  # see the schema above and animfs.record
+READABLE_FORMATS = (b"1", b"2")
 
 
 class IndexError_(Exception):
@@ -233,11 +245,33 @@ class Index:
         self.path = path
         with self.env.begin(write=True) as txn:
             self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in _DBS}
+        self._check_format()
         self._ensure_roots()
         self._ensure_media()
 
     def close(self) -> None:
         self.env.close()
+
+    def _check_format(self) -> None:
+        """Refuse an index written by a newer animfs; mark a format-1 one as format 2
+        (its JSON records stay readable, new ones are compact)."""
+        with self.env.begin() as txn:
+            found = txn.get(b"format", db=self._db["meta"])
+        if found is None or bytes(found) == FORMAT:
+            return
+        if bytes(found) not in READABLE_FORMATS:
+            raise IndexError_(
+                f"{self.path}: index format {bytes(found).decode(errors='replace')} is not one "
+                f"this animfs reads ({FORMAT.decode()}); move it away and run "
+                "'animfs rebuild-index'"
+            )
+        with self._write() as txn:
+            txn.put(b"format", FORMAT, db=self._db["meta"])
+
+    def _decode_in(self, txn: lmdb.Transaction, data: bytes | memoryview) -> Manifest:
+        """The manifest of an instance record (compact or JSON), read in ``txn``."""
+        series = self._db["series"]
+        return record.decode(data, lambda ino: txn.get(_U64.pack(ino), db=series))
 
     def _ensure_roots(self) -> None:
         """Create the fixed entries that are missing: all of them in a new index, the
@@ -262,9 +296,10 @@ class Index:
             top = sum(1 for ino, (parent, _) in FIXED_DIRS.items() if parent == ROOT_INO != ino)
             root = dataclasses.replace(root, subdirs=top)
             txn.put(_ino_key(ROOT_INO), _encode_node(root), db=nodes)
-            txn.put(b"format", b"1", db=self._db["meta"])
+            if txn.get(b"format", db=self._db["meta"]) is None:
+                txn.put(b"format", FORMAT, db=self._db["meta"])
             earlier = [
-                Manifest.from_bytes(bytes(v)) for _, v in txn.cursor(db=self._db["instances"])
+                self._decode_in(txn, v) for _, v in txn.cursor(db=self._db["instances"])
             ]
             for manifest in sorted(earlier, key=lambda m: m.ingested_ns):
                 self._add_views(txn, manifest)
@@ -340,11 +375,16 @@ class Index:
     def manifest(self, key: bytes) -> Manifest | None:
         with self.env.begin() as txn:
             data = txn.get(key, db=self._db["instances"])
-        return None if data is None else Manifest.from_bytes(data)
+            return None if data is None else self._decode_in(txn, data)
 
     def manifest_bytes(self, key: bytes) -> bytes | None:
+        """The manifest as stored at the sites (JSON), from its instance record."""
+        manifest = self.manifest(key)
+        return None if manifest is None else manifest.to_bytes()
+
+    def has_instance(self, key: bytes) -> bool:
         with self.env.begin() as txn:
-            return txn.get(key, db=self._db["instances"])
+            return txn.get(key, db=self._db["instances"]) is not None
 
     def find_ino(self, identity: bytes) -> int | None:
         with self.env.begin() as txn:
@@ -383,10 +423,14 @@ class Index:
             return txn.get(bytes.fromhex(chunk_id), db=self._db["chunks"]) is not None
 
     def manifests(self) -> Iterator[bytes]:
-        """Every manifest, in no particular order (a fresh transaction per batch)."""
+        """Every manifest as JSON (as at the sites), in instance-key order."""
+        for manifest in self.all_manifests():
+            yield manifest.to_bytes()
+    def all_manifests(self) -> Iterator[Manifest]:
+        """Every manifest, in instance-key order (a fresh transaction per batch)."""
         after = b""
         while True:
-            batch: list[tuple[bytes, bytes]] = []
+            batch: list[Manifest] = []
             with self.env.begin() as txn:
                 cursor = txn.cursor(db=self._db["instances"])
                 if not cursor.set_range(after):
@@ -394,14 +438,14 @@ class Index:
                 for key, value in cursor:
                     if key == after:
                         continue
-                    batch.append((key, value))
+                    batch.append(self._decode_in(txn, value))
+                    last = bytes(key)
                     if len(batch) >= 512:
                         break
             if not batch:
                 return
-            for _key, value in batch:
-                yield value
-            after = batch[-1][0]
+            yield from batch
+            after = last
 
     def chunk_ids(self) -> set[str]:
         with self.env.begin() as txn:
@@ -413,9 +457,11 @@ class Index:
         assert root is not None and patients is not None
         with self.env.begin() as txn:
             stat = {name: txn.stat(self._db[name])["entries"] for name in ("chunks", "journal")}
+            # A walk of every chunk: only where that is quick (the status file and
+            # `animfs status` must not take minutes on a decade's index).
             chunk_bytes = (
                 sum(_CHUNK.unpack(v)[0] for _, v in txn.cursor(db=self._db["chunks"]))
-                if stat["chunks"] < 1_000_000
+                if stat["chunks"] < 100_000
                 else -1
             )
         info = self.env.info()
@@ -611,6 +657,170 @@ class Index:
                 added += 1
         return added
 
+    # -- instances placed by other hosts (animfs.sync) -----------------------------------
+
+    def merge(self, manifests: Iterable[Manifest]) -> int:
+        """Commit instances that other hosts placed, in one transaction; instances
+        already here are skipped.  Returns how many were added.
+
+        Where a folder or file already exists here (same identity), the manifest
+        takes this index's name and inode for it.  A NEW folder may claim a name
+        that, here, another identity holds: two hosts that ingested different
+        studies (or series) with the same preferred name between two syncs both
+        gave it out.  Every host resolves that the same way, whatever the order
+        it learns of them in: the identity (PatientID key or UID) that sorts first
+        keeps the name; the other takes :func:`unique_name` of it (the name a
+        single host would have given it).  So a folder made in that window may be
+        renamed, once, on the host that made it.
+        """
+        added = 0
+        with self._write() as txn:
+            for manifest in manifests:
+                if txn.get(manifest.key, db=self._db["instances"]) is not None:
+                    continue
+                self._commit_in(txn, self._merged(txn, manifest), ())
+                added += 1
+        return added
+
+    def _merged(self, txn: lmdb.Transaction, manifest: Manifest) -> Manifest:
+        """``manifest`` with its placement agreed with this index (see :meth:`merge`)."""
+        inst, p = manifest.instance, manifest.placement
+        ids, nodes = self._db["ids"], self._db["nodes"]
+        levels = [
+            (b"P\0" + inst.patient_key.encode(), inst.patient_key),
+            (b"S\0" + inst.study_uid.encode(), inst.study_uid),
+            (b"R\0" + inst.series_uid.encode(), inst.series_uid),
+            (b"I\0" + inst.sop_uid.encode(), inst.sop_uid),
+        ]
+        names = [p.patient_name, p.study_name, p.series_name, p.file_name]
+        inos = [p.patient_ino, p.study_ino, p.series_ino, p.file_ino]
+        parent = PATIENTS_INO
+        for level, (identity, uid) in enumerate(levels):
+            found = txn.get(identity, db=ids)
+            if found is not None:
+                inos[level] = _U64.unpack(found)[0]
+                names[level] = _decode_node(inos[level], txn.get(found, db=nodes)).name.decode()
+            else:
+                taken = txn.get(_dirent_key(parent, names[level].encode()), db=self._db["dirents"])
+                if taken is not None:
+                    occupant = _U64.unpack(taken)[0]
+                    other = self._uid_below(txn, occupant, level)
+                    if other is not None and uid < other:
+                        new = self._free_name(txn, parent, names[level], other)
+                        self._rename_in(txn, occupant, new, level)
+                    else:
+                        names[level] = self._free_name(txn, parent, names[level], uid)
+            parent = inos[level]
+        link_ino, link_name = p.link_ino, p.link_name
+        found = txn.get(b"L\0" + inst.study_uid.encode(), db=ids)
+        if found is not None:
+            link_ino = _U64.unpack(found)[0]
+            link_name = _decode_node(link_ino, txn.get(found, db=nodes)).name.decode()
+        return manifest.with_placement(
+            Placement(
+                names[0], names[1], names[2], names[3], inos[0], inos[1], inos[2], inos[3],
+                link_name, link_ino,
+            )
+        )
+
+    def _free_name(self, txn: lmdb.Transaction, parent: int, name: str, uid: str) -> str:
+        """The first of ``name``'s de-duplicated forms for ``uid`` that is free in ``parent``."""
+        for n in range(100):
+            candidate = unique_name(name, uid if n == 0 else f"{uid}\0{n}")
+            if txn.get(_dirent_key(parent, candidate.encode()), db=self._db["dirents"]) is None:
+                return candidate
+        raise IndexError_(f"no free name for {name!r} in folder {parent}")
+
+    def _first_file(self, txn: lmdb.Transaction, ino: int) -> Node | None:
+        node = _decode_node(ino, txn.get(_ino_key(ino), db=self._db["nodes"]))
+        cursor = txn.cursor(db=self._db["dirents"])
+        while node.kind == DIR:
+            prefix = _U64.pack(node.ino)
+            if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
+                return None
+            child = _U64.unpack(cursor.value())[0]
+            node = _decode_node(child, txn.get(cursor.value(), db=self._db["nodes"]))
+        return node if node.kind == FILE else None
+
+    def _uid_below(self, txn: lmdb.Transaction, ino: int, level: int) -> str | None:
+        """The identity (patient key, study, series or SOP instance UID at ``level``
+        0..3) of the folder or file ``ino``, from the first instance below it."""
+        node = self._first_file(txn, ino)
+        data = None if node is None else txn.get(node.instance, db=self._db["instances"])
+        if data is None:
+            return None
+        inst = self._decode_in(txn, data).instance
+        return (inst.patient_key, inst.study_uid, inst.series_uid, inst.sop_uid)[level]
+
+    def _children(self, txn: lmdb.Transaction, ino: int) -> list[int]:
+        return [_U64.unpack(v)[0] for _, v in _prefixed(txn, self._db["dirents"], _U64.pack(ino))]
+
+    def _rename_in(self, txn: lmdb.Transaction, ino: int, new: str, level: int) -> None:
+        """Give folder or file ``ino`` (at ``level`` 0..3 under /patients) the name
+        ``new``, with everything that repeats the name: series records, instance
+        records, and the study links under /studies and the views."""
+        dbs = self._db
+        node = _decode_node(ino, txn.get(_ino_key(ino), db=dbs["nodes"]))
+        txn.delete(_dirent_key(node.parent, node.name), db=dbs["dirents"])
+        txn.put(_dirent_key(node.parent, new.encode()), _ino_key(ino), db=dbs["dirents"])
+        txn.put(_ino_key(ino), _encode_node(dataclasses.replace(node, name=new.encode())),
+                db=dbs["nodes"])
+        if level == 3:
+            manifest = self._decode_in(txn, txn.get(node.instance, db=dbs["instances"]) or b"")
+            moved = manifest.with_placement(dataclasses.replace(manifest.placement, file_name=new))
+            shared = txn.get(_ino_key(node.parent), db=dbs["series"])
+            txn.put(node.instance, record.encode_instance(moved, shared), db=dbs["instances"])
+            return
+        studies = [ino] if level == 1 else self._children(txn, ino) if level == 0 else []
+        series = [ino] if level == 2 else [r for s in studies for r in self._children(txn, s)]
+        field = ("patient_name", "study_name", "series_name")[level]
+        for r in series:
+            shared = txn.get(_ino_key(r), db=dbs["series"])
+            if shared is not None:
+                txn.put(_ino_key(r), record.rename_series(shared, field, new), db=dbs["series"])
+        for study in studies:
+            self._relink_study(txn, study)
+
+    def _relink_study(self, txn: lmdb.Transaction, study: int) -> None:
+        """Point a study's links (/studies, /by-date, /by-modality) at its current path."""
+        dbs = self._db
+        node = self._first_file(txn, study)
+        data = None if node is None else txn.get(node.instance, db=dbs["instances"])
+        if data is None:
+            return
+        uid = self._decode_in(txn, data).instance.study_uid
+        study_node = _decode_node(study, txn.get(_ino_key(study), db=dbs["nodes"]))
+        patient = _decode_node(study_node.parent, txn.get(_ino_key(study_node.parent),
+                                                            db=dbs["nodes"]))
+        path = f"patients/{patient.name.decode()}/{study_node.name.decode()}"
+        modalities = set()
+        for r in self._children(txn, study):
+            shared = txn.get(_ino_key(r), db=dbs["series"])
+            if shared is not None:
+                modalities.add(safe_name(record.decode_series(shared)[0][10] or "OT"))
+        links = [(b"L\0" + uid.encode(), "../" + path, False)]
+        links.append((b"D\0" + uid.encode(), "../../../../" + path, True))
+        links += [(b"M\0" + m.encode() + b"\0" + uid.encode(), "../../../../" + path, True)
+                  for m in sorted(modalities)]
+        view_name = safe_name(f"{patient.name.decode()}_{study_node.name.decode()}")
+        for identity, target, named in links:
+            found = txn.get(identity, db=dbs["ids"])
+            if found is None:
+                continue
+            link_ino = _U64.unpack(found)[0]
+            link = _decode_node(link_ino, txn.get(found, db=dbs["nodes"]))
+            name = link.name
+            if named and view_name.encode() != link.name:
+                txn.delete(_dirent_key(link.parent, link.name), db=dbs["dirents"])
+                name = view_name.encode()
+                if txn.get(_dirent_key(link.parent, name), db=dbs["dirents"]) is not None:
+                    name = self._free_name(txn, link.parent, view_name, uid).encode()
+                txn.put(_dirent_key(link.parent, name), found, db=dbs["dirents"])
+            moved = dataclasses.replace(
+                link, name=name, target=target.encode(), size=len(target.encode())
+            )
+            txn.put(found, _encode_node(moved), db=dbs["nodes"])
+
     # -- ingest ---------------------------------------------------------------------
 
     def plan(self, manifest: Manifest) -> Placement:
@@ -705,6 +915,25 @@ class Index:
             _journal_put(txn, self._db["journal"], publish(placed))
         return results
 
+    def bulk_add(self, manifests: Iterable[Manifest]) -> int:
+        """Commit many placed instances in one transaction, fast (``scripts/gen_index.py``).
+
+        Like :meth:`restore` without its skipping, but a folder's counts and time
+        are summed over the batch and written once, not once per instance (the
+        folders near the root are in every instance's path).  Raises
+        :class:`StalePlan` or :class:`Conflict` (nothing written) when a placement
+        is taken.  Returns how many were added.
+        """
+        added = 0
+        grown: dict[int, list[int]] = {}
+        with self._write() as txn:
+            for manifest in manifests:
+                self._commit_in(txn, manifest, (), grown)
+                added += 1
+            for ino, (files, nbytes, subdirs, t) in grown.items():
+                self._grow(txn, ino, t, files=files, nbytes=nbytes, subdirs=subdirs)
+        return added
+
     def add_many(self, manifests: Iterable[Manifest]) -> list[Manifest]:
         """Plan and commit many instances in one transaction (generated or rebuilt indexes).
 
@@ -719,7 +948,11 @@ class Index:
         return placed
 
     def _commit_in(
-        self, txn: lmdb.Transaction, manifest: Manifest, missed: Iterable[Missed]
+        self,
+        txn: lmdb.Transaction,
+        manifest: Manifest,
+        missed: Iterable[Missed],
+        grown: dict[int, list[int]] | None = None,
     ) -> None:
         inst, place = manifest.instance, manifest.placement
         dbs = self._db
@@ -796,13 +1029,26 @@ class Index:
             (PATIENTS_INO, place.patient_ino),
             (ROOT_INO, None),
         ]
-        for ino, child in ancestors:
-            self._grow(txn, ino, t, files=1, nbytes=manifest.size, subdirs=int(child in new_dirs))
         if place.link_ino in new_dirs:
-            self._grow(txn, STUDIES_INO, t, files=0, nbytes=0, subdirs=0)
+            ancestors.append((STUDIES_INO, None))
+        for ino, child in ancestors:
+            counts = (0, 0) if ino == STUDIES_INO else (1, manifest.size)
+            if grown is None:
+                self._grow(
+                    txn, ino, t, files=counts[0], nbytes=counts[1], subdirs=int(child in new_dirs)
+                )
+            else:  # bulk_add: summed, and written once per folder at the end
+                acc = grown.setdefault(ino, [0, 0, 0, 0])
+                acc[0], acc[1] = acc[0] + counts[0], acc[1] + counts[1]
+                acc[2], acc[3] = acc[2] + int(child in new_dirs), max(acc[3], t)
         self._add_views(txn, manifest)
         self._assign_media(txn, manifest)
-        txn.put(manifest.key, manifest.to_bytes(), db=dbs["instances"])
+        series_key = _ino_key(place.series_ino)
+        shared = txn.get(series_key, db=dbs["series"])
+        if shared is None:
+            shared = record.encode_series(manifest)
+            txn.put(series_key, shared, db=dbs["series"])
+        txn.put(manifest.key, record.encode_instance(manifest, shared), db=dbs["instances"])
         for ref in manifest.chunks:
             key = bytes.fromhex(ref.id)
             old = txn.get(key, db=dbs["chunks"])
@@ -813,6 +1059,13 @@ class Index:
     def _add_views(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
         """The study's symlinks under /by-date and /by-modality, unless it has them."""
         inst, place = manifest.instance, manifest.placement
+        by_modality = b"M\0" + safe_name(inst.modality or "OT").encode() + b"\0"
+        ids = self._db["ids"]
+        if (
+            txn.get(b"D\0" + inst.study_uid.encode(), db=ids) is not None
+            and txn.get(by_modality + inst.study_uid.encode(), db=ids) is not None
+        ):
+            return  # the usual case, a study already in both views: no names to make
         date = inst.study_date if re.fullmatch(r"[0-9]{8}", inst.study_date) else "00000000"
         year, month, day = date[:4], date[4:6], date[6:]
         modality = safe_name(inst.modality or "OT")
@@ -893,7 +1146,7 @@ class Index:
                 root = dataclasses.replace(root, subdirs=root.subdirs + 1)
                 txn.put(_ino_key(ROOT_INO), _encode_node(root), db=nodes)
             earlier = [
-                Manifest.from_bytes(bytes(v)) for _, v in txn.cursor(db=self._db["instances"])
+                self._decode_in(txn, v) for _, v in txn.cursor(db=self._db["instances"])
             ]
             for manifest in sorted(earlier, key=lambda m: m.ingested_ns):
                 self._assign_media(txn, manifest)
@@ -1004,7 +1257,8 @@ class Index:
                         node = _decode_node(file_ino, txn.get(_ino_key(file_ino), db=nodes))
                         data = txn.get(node.instance, db=instances)
                         if data is not None:
-                            out.append((study, series, image, bytes(data)))
+                            json_ = self._decode_in(txn, data).to_bytes()
+                            out.append((study, series, image, json_))
         return out
 
     def _grow(
@@ -1153,7 +1407,7 @@ def check(index: Index, limit: int = 100) -> list[str]:
         stored: dict[str, int] = {}
         for key, value in txn.cursor(db=dbs["instances"]):
             try:
-                manifest = Manifest.from_bytes(bytes(value))
+                manifest = index._decode_in(txn, value)
             except ValueError as exc:
                 bad(f"instance record {bytes(key).hex()[:16]}: {exc}")
                 continue

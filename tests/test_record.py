@@ -1,0 +1,111 @@
+"""The compact index records (animfs.record) and the synthetic index generator."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import gen_index
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from animfs import record
+from animfs.chunks import ChunkRef
+from animfs.dicom import Instance
+from animfs.index import Index, check
+from animfs.manifest import Manifest, Placement
+
+text = st.text(max_size=40)
+hexes = st.binary(min_size=32, max_size=32).map(bytes.hex)
+numbers = st.none() | st.integers(min_value=-(2**70), max_value=2**70)
+inos = st.integers(min_value=1 << 16, max_value=(1 << 63) - 1)
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> Manifest:
+    inst = Instance(
+        **{
+            f.name: draw(numbers if f.name in ("series_number", "instance_number") else text)
+            for f in dataclasses.fields(Instance)
+        }
+    )
+    names = [draw(text) for _ in range(5)]
+    if draw(st.booleans()):
+        names[3] = record.default_file_name(inst)
+    placement = Placement(
+        names[0], names[1], names[2], names[3], *[draw(inos) for _ in range(4)],
+        link_name=names[4], link_ino=draw(inos),
+    )
+    chunks = draw(st.lists(st.tuples(hexes, st.integers(0, 2**40), st.integers(0, 2**40)),
+                           max_size=4))
+    return Manifest(
+        instance=inst,
+        institution=draw(text),
+        size=draw(st.integers(0, 2**50)),
+        sha256=draw(hexes | st.just("not-hex")),
+        chunks=tuple(ChunkRef(*c) for c in chunks),
+        ingested_ns=draw(st.integers(0, 2**63 - 1)),
+        placement=placement,
+        keyed=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(manifests(), manifests())
+def test_round_trip_against_own_and_other_series_record(m: Manifest, other: Manifest) -> None:
+    own = record.encode_series(m)
+    data = record.encode_instance(m, own)
+    back = record.decode(data, lambda ino: own)
+    assert back == m
+    assert back.to_bytes() == m.to_bytes()
+    # Against another instance's series record (same inodes): what differs is kept.
+    p = dataclasses.replace(
+        other.placement, **{n: getattr(m.placement, n) for n in record._INOS}
+    )
+    base = record.encode_series(other.with_placement(p))
+    data = record.encode_instance(m, base)
+    assert record.decode(data, lambda ino: base) == m
+
+
+def test_typical_record_is_small() -> None:
+    for seed in range(1, 6):
+        m = next(gen_index.instances(1, seed=seed, start_ns=10**18))
+        data = record.encode_instance(m)  # about 100 bytes and 40 per chunk
+        assert data[0] == record.TAG and len(data) <= 110 + 40 * len(m.chunks), len(data)
+    assert len(m.to_bytes()) > 1000
+    assert record.decode(data, lambda ino: record.encode_series(m)) == m
+
+
+def test_json_records_of_a_format_1_index_still_decode() -> None:
+    m = next(gen_index.instances(1, seed=3, start_ns=10**18))
+    assert record.decode(m.to_bytes(), lambda ino: None) == m
+    odd = dataclasses.replace(m, sha256="x" * 64)  # does not fit the compact form
+    assert record.encode_instance(odd)[:1] == b"{"
+
+
+def test_generator_fills_a_consistent_index(tmp_path: Path) -> None:
+    index = Index(tmp_path / "idx", map_size=1 << 30)
+    try:
+        gen_index.fill(index, 2_000, seed=5, batch=700)
+        gen_index.fill(index, 500, seed=6)  # a second run adds other patients
+        counts = index.counts()
+        assert counts["instances"] == 2_500
+        assert check(index) == []
+        listed = list(index.all_manifests())
+        assert len(listed) == 2_500
+        assert len({m.instance.sop_uid for m in listed}) == 2_500
+        patients = {m.instance.patient_key for m in listed}
+        assert counts["patients"] == len(patients) > 3
+        first = listed[0]
+        assert index.manifest(first.key) == first
+        node = index.lookup(first.placement.series_ino, first.placement.file_name.encode())
+        assert node is not None and node.ino == first.placement.file_ino
+        assert node.size == first.size
+    finally:
+        index.close()
+    again = Index(tmp_path / "idx", map_size=1 << 30)  # deterministic per seed
+    try:
+        m = next(gen_index.instances(1, seed=5, start_ns=0))
+        assert again.manifest(m.key) is not None
+    finally:
+        again.close()
