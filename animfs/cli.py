@@ -202,12 +202,25 @@ def cmd_status(args: argparse.Namespace) -> int:
                 entry.update(state="down", last_error=exc.reason, objects=None, bytes=None)
             sites[site.name] = entry
         status = {"config": str(config.path), "index": index.counts(), "sites": sites}
+        status["sync"] = _sync_report(config, index)
         status["cache"] = _cache_report(config)
     finally:
         store.close()
         index.close()
     print(json.dumps(status, indent=2))
     return 0
+
+
+def _sync_report(config: Config, index: Any) -> dict[str, Any]:
+    from animfs.sync import last_sync
+
+    counts = index.counts()
+    return {
+        "host": config.host,
+        "interval": config.sync_interval,
+        "last": last_sync(index),  # None: never synced
+        "index_bytes_per_instance": counts["index_bytes"] // max(1, counts["instances"]),
+    }
 
 
 def _cache_report(config: Config) -> dict[str, Any]:
@@ -418,7 +431,12 @@ def _publish_state(config: Config, index: Any) -> None:
         min_sites=config.min_sites,
     )
     try:
-        recovery.publish(index, store, ring, config.audit_path)
+        from animfs.sync import Log
+
+        host_log = Log(ring, config.host)
+        recovery.publish(
+            index, store, ring, config.audit_path, lambda b, names: host_log.append(b, state=names)
+        )
     except (NotEnoughSites, StoreError, OSError) as exc:
         log.debug("state left for the mount to publish: %s", exc)
     finally:
@@ -644,7 +662,31 @@ def cmd_rebuild_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from animfs import sync
+
+    config = _load(args)
+    ring = _keys(config)
+    index, store = _open_archive(config)
+    progress = Progress("sync")
+    try:
+        report = sync.sync(index, store, ring, config.host, full=args.full, step=progress.step)
+    except sync.SyncError as exc:
+        raise Failure(f"sync stopped: {exc}") from None
+    finally:
+        progress.close()
+        store.close()
+        index.close()
+    print(report.line())
+    return 0
+
+
 def _add_recovery_commands(sub: Any) -> None:
+    c = sub.add_parser("sync", help="add what other mount hosts wrote to the sites since the "
+                       "last sync")
+    c.set_defaults(fn=cmd_sync)
+    c.add_argument("--full", action="store_true",
+                   help="list every manifest at the sites, not only the hosts' logs")
     key = sub.add_parser("key", help="the sealing keys").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )

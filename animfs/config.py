@@ -8,6 +8,7 @@ message names the file and the key, so the CLI can print one clear line.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class Config:
     repair_interval: float = 300.0  # seconds between the mount's background repair passes
     series_prefetch: int = 8  # following files of a folder fetched when one is opened; 0: off
     snapshot_interval: float = 3600.0  # seconds between the mount's index snapshots; 0: none
+    host: str = ""  # this mount host's name in the sites' logs (animfs.sync); "" = hostname
+    sync_interval: float = 60.0  # seconds between the mount's syncs from other hosts; 0: none
 
     def site(self, name: str) -> SiteConfig:
         for site in self.sites:
@@ -164,7 +167,17 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         repair_interval=float(replication.positive("repair_interval", 300)),
         series_prefetch=_non_negative(cache, "series_prefetch", 8),
         snapshot_interval=float(_non_negative(index, "snapshot_interval", 3600)),
+        host=_host(top.table("sync", required=False)),
+        sync_interval=float(_non_negative(top.table("sync", required=False), "interval", 60)),
     )
+
+
+def _host(table: _Table) -> str:
+    """This host's name in the logs at the sites: one path component, unique per host."""
+    name: str = table.get("host", str, "") or socket.gethostname()
+    if not name or "/" in name or name in (".", "..") or len(name) > 64:
+        raise table.error("host", f"must be a short name without '/', not {name!r}")
+    return name
 
 
 def _non_negative(table: _Table, name: str, default: int) -> int:

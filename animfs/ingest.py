@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from animfs import chunks, keys
+from animfs import chunks, keys, sync
 from animfs.config import Config
 from animfs.dicom import NotDicom, read_header
 from animfs.index import Index, IndexError_, IndexFull
@@ -90,6 +90,7 @@ class Ingester:
         self.institution = institution_code(config, institution) if institution else None
         self.clock = clock
         self.keys = keys.for_config(config)  # None: nothing is sealed
+        self._log = sync.Log(self.keys, config.host)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="animfs-zstd")
         self.summary = Summary(stored={site.name: 0 for site in store.sites})
         self._batch = store.batch()  # the objects of the group being ingested
@@ -188,6 +189,11 @@ class Ingester:
         for manifest in placed:
             name = manifest.object_key_with(self.keys)
             self._batch.put(name, keys.seal_with(self.keys, name, manifest.to_bytes()))
+        if placed:  # other hosts learn of the group from this host's log (animfs.sync),
+            self._batch.drain()  # which must not name a manifest before it is there,
+            good = len(self.store.sites) - len(self._batch.failed)
+            if good >= self.store.min_sites:  # nor one of a group that is not committed
+                self._log.append(self._batch, manifests=placed)
         return self._batch.commit()
 
     def commit_group(self, group: list[tuple[Path, Manifest]]) -> list[tuple[Path, str, str]]:

@@ -24,16 +24,16 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from animfs import fs, keys, recovery, repair
+from animfs import fs, keys, recovery, repair, sync
 from animfs.audit import AuditFile, AuditUnavailable, GroupCommit
 from animfs.cache import ChunkCache
 from animfs.config import Config
 from animfs.diskcache import DiskCache
-from animfs.index import Index
+from animfs.index import Index, IndexError_
 from animfs.keys import KeyRing
 from animfs.store import open_site
 from animfs.store.base import StoreError
-from animfs.store.dual import DualStore, Missed, NotEnoughSites
+from animfs.store.dual import DualStore, Missed, NotEnoughSites, WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -255,12 +255,28 @@ async def _keep_at_sites(
     except (recovery.RecoveryError, StoreError, NotEnoughSites) as exc:
         log.error("%s: this mount writes no state or snapshots", exc)
         return
+    host_log = sync.Log(ring, config.host)
+
+    def log_to(batch: WriteBatch, names: list[str]) -> None:
+        host_log.append(batch, state=names)
+
     next_snapshot = time.monotonic() + config.snapshot_interval
+    next_sync = time.monotonic()  # at once: what other hosts wrote while this one was down
     while True:
         await trio.sleep(STATE_SECONDS)
+        if config.sync_interval and time.monotonic() >= next_sync:
+            next_sync = time.monotonic() + config.sync_interval
+            try:
+                synced = await trio.to_thread.run_sync(
+                    sync.sync, index, store, ring, config.host, limiter=limiter
+                )
+                if synced.added or synced.patients:
+                    log.info("%s", synced.line())
+            except (sync.SyncError, StoreError, IndexError_, OSError) as exc:
+                log.warning("sync from other hosts failed (next pass retries): %s", exc)
         try:
             await trio.to_thread.run_sync(
-                recovery.publish, index, store, ring, config.audit_path, limiter=limiter
+                recovery.publish, index, store, ring, config.audit_path, log_to, limiter=limiter
             )
             if config.snapshot_interval and time.monotonic() >= next_snapshot:
                 next_snapshot = time.monotonic() + config.snapshot_interval

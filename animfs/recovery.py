@@ -50,7 +50,7 @@ from animfs.index import Index
 from animfs.keys import KeyRing, SealError
 from animfs.manifest import Manifest
 from animfs.store.base import ObjectNotFound, ObjectStore, StoreError
-from animfs.store.dual import DualStore, NotEnoughSites
+from animfs.store.dual import DualStore, NotEnoughSites, WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -123,19 +123,32 @@ def check_key(store: DualStore, ring: KeyRing | None) -> None:
 # -- publishing state ------------------------------------------------------------------
 
 
-def publish(index: Index, store: DualStore, ring: KeyRing | None, audit_path: Path) -> int:
+def publish(
+    index: Index,
+    store: DualStore,
+    ring: KeyRing | None,
+    audit_path: Path,
+    log_to: Callable[[WriteBatch, list[str]], object] | None = None,
+) -> int:
     """Write every patient state not yet at the sites, and the audit head if it moved.
 
+    ``log_to(batch, names)`` adds the state objects' names to this host's log
+    (animfs.sync), once they are durable, so other hosts' syncs find them.
     Returns how many objects were written.  Blocks; safe to run while the index
     changes (a change made meanwhile stays marked for the next pass).
     """
     due = index.unpublished_state()
     batch = store.batch()
+    names = []
     for patient, mark in due:
         doc = index.access_state(patient)
         doc["changed"] = int(mark)
         name = patient_key(patient, ring)
         batch.put(name, keys.seal_with(ring, name, _dumps(doc)))
+        names.append(name)
+    if names and log_to is not None:
+        batch.drain()
+        log_to(batch, names)
     head = audit.head(audit_path)
     head_doc = None
     if head is not None:
