@@ -36,6 +36,19 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
+@contextlib.contextmanager
+def tmpfs(size: str, prefix: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` of its own, unmounted (lazily, if a test left it busy) after."""
+    top = Path(tempfile.mkdtemp(prefix=prefix))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(top)],
+                   check=True, timeout=30)
+    try:
+        yield top
+    finally:
+        subprocess.run(["umount", "-l", str(top)], check=False, timeout=30)
+        top.rmdir()
+
+
 class Mount:
     """A running ``animfs mount --foreground`` and its mount point."""
 

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from animfs.index import Index, check
 from animfs.store.local import LocalStore
 
 import gen_dicom
-from conftest import Archive, Mount, files_under, sha256_file
+from conftest import Archive, Mount, files_under, sha256_file, tmpfs
 
 SEED = 8_2026
 ROUNDS, TRIALS = 3, 10  # a fresh archive and mount per round bounds each check's cost
@@ -249,26 +248,20 @@ def mount_files(root: Path, patients: str = "") -> dict[str, Path]:
 
 
 @pytest.fixture
-def tmpfs() -> Iterator[Path]:
+def crash_disk() -> Iterator[Path]:
     """A tmpfs of its own for the archives: a SIGKILL loses no page cache, so a disk
     would add nothing but the time of syncfs on a file system shared with others."""
-    top = Path(tempfile.mkdtemp(prefix="animfs-crash-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m,mode=0755", "tmpfs", str(top)],
-                   check=True, timeout=30)
-    try:
+    with tmpfs("512m", "animfs-crash-") as top:
         yield top
-    finally:
-        subprocess.run(["umount", "-l", str(top)], check=False, timeout=30)
-        top.rmdir()
 
 
 def test_sigkill_during_ingest_leaves_only_whole_instances_and_gc_able_orphans(
-    tmpfs: Path, template: Path, zygote: Zygote
+    crash_disk: Path, template: Path, zygote: Zygote
 ) -> None:
     rng = random.Random(SEED)
     stats = {"nothing": 0, "part": 0, "all": 0, "orphans": 0, "unindexed": 0, "temporaries": 0}
     for r in range(ROUNDS):
-        archive = Archive(tmpfs / f"round-{r}")
+        archive = Archive(crash_disk / f"round-{r}")
         try:
             with archive.mounted() as m:
                 world = World(archive, m)

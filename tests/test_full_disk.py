@@ -9,8 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,20 +17,14 @@ import pytest
 
 from animfs.index import Index, check
 
-from conftest import Archive, files_under, sha256_file
+from conftest import Archive, files_under, sha256_file, tmpfs
 
 
 @pytest.fixture
 def small_disk() -> Iterator[Path]:
-    """A 2 MiB tmpfs, unmounted (lazily, if a test left it busy) in teardown."""
-    top = Path(tempfile.mkdtemp(prefix="animfs-fulldisk-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(top)],
-                   check=True, timeout=30)
-    try:
+    """A 2 MiB tmpfs."""
+    with tmpfs("2m", "animfs-fulldisk-") as top:
         yield top
-    finally:
-        subprocess.run(["umount", "-l", str(top)], check=False, timeout=30)
-        top.rmdir()
 
 
 def fill(disk: Path) -> Path:
