@@ -31,10 +31,12 @@ echo "demo: ingesting"
 mkdir -p "$demo/mnt"
 "${animfs[@]}" mount "$demo/mnt"
 echo
-echo "demo: the archive as files (first levels):"
-find "$demo/mnt" -maxdepth 3 | sed "s|$demo/mnt|mnt|" | head -40
+echo "demo: the archive as files:"
+ls "$demo/mnt"
+# head closes the pipe early: that is not a failure here.
+(set +o pipefail; find "$demo/mnt/patients" -maxdepth 3 | sed "s|$demo/mnt/||" | head -30)
 echo "..."
-echo "$(find "$demo/mnt/patients" -type f | wc -l) files, $(du -sh "$demo/mnt" | cut -f1) in $demo/mnt"
+echo "$(find "$demo/mnt/patients" -type f | wc -l) files, $(du -sh "$demo/mnt/patients" | cut -f1) under $demo/mnt/patients"
 echo
 echo "Try: ls -l $demo/mnt/studies | head;  dcmdump \"\$(find $demo/mnt/patients -name '*.dcm' | head -1)\" | head"
 echo "Unmount with: .venv/bin/animfs --config $demo/animfs.toml umount $demo/mnt"
