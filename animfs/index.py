@@ -237,8 +237,14 @@ class Index:
     def __init__(self, path: Path, *, map_size: int = 64 << 30) -> None:
         path.mkdir(parents=True, exist_ok=True)
         try:
+            # No read-ahead: lookups land on random pages of an index far larger than
+            # what they need, and read-ahead would page in (and map) 32 pages for each.
             self.env = lmdb.open(
-                str(path), map_size=map_size, max_dbs=len(_DBS) + 4, max_readers=1024
+                str(path),
+                map_size=map_size,
+                max_dbs=len(_DBS) + 4,
+                max_readers=1024,
+                readahead=False,
             )
         except lmdb.Error as exc:
             raise IndexError_(f"{path}: cannot open the index: {exc}") from exc

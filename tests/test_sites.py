@@ -153,32 +153,37 @@ def test_ingest_with_site_down_then_repair_a_lost_site(
 ) -> None:
     buckets = configure(archive, s3=s3, min_sites=1)
     archive.ingest(series_dir / "ct")
-    # state/ (the key check, access state) is kept by its writers, not by verify and repair.
-    before = {k for k in bucket_objects(s3[0], buckets["site-a"]) if not k.startswith("state/")}
+    # state/ (the key check, access state) and the hosts' logs (log/, hosts/) are kept by
+    # their writers, not by verify (a log object a site missed is journalled and repaired).
+    kept = ("state/", "log/", "hosts/")
+    before = {k for k in bucket_objects(s3[0], buckets["site-a"]) if not k.startswith(kept)}
     assert before <= set(bucket_objects(s3[1], buckets["site-b"]))
 
     s3[1].kill()
     result = archive.ingest(series_dir / "mr")
     assert "6 ingested" in result.stdout
     after = bucket_objects(s3[0], buckets["site-a"])
-    written_while_down = {k for k in after if not k.startswith("state/")} - before
+    written_while_down = {k for k in after if not k.startswith(kept)} - before
     assert len(written_while_down) == 12  # 6 manifests, 6 chunks
+    logged = {k for _site, k in journal(archive) if k.startswith(("log/", "hosts/"))}
+    assert len(logged) == 2  # the group's entry in this host's log, its hosts/ marker
+    written_while_down |= logged
     assert journal(archive) == {("site-b", key) for key in written_while_down}
     report = status(archive)
     assert report["sites"]["site-b"]["state"] == "down"  # type: ignore[index]
-    assert report["sites"]["site-b"]["pending_repairs"] == 12  # type: ignore[index]
+    assert report["sites"]["site-b"]["pending_repairs"] == 14  # type: ignore[index]
     assert report["index"]["instances"] == 18  # type: ignore[index]
 
     failed = archive.run("repair", check=False)  # site-b still down: nothing lost, nothing done
     assert failed.returncode == 1
     assert "unreachable: site-b" in failed.stdout
-    assert len(journal(archive)) == 12
+    assert len(journal(archive)) == 14
 
     # The site comes back with nothing (moto keeps objects in memory): a lost site.
     s3[1].start()
     s3[1].bucket(buckets["site-b"])
     result = archive.run("repair")
-    assert "12 repaired, 0 not repaired" in result.stdout
+    assert "14 repaired, 0 not repaired" in result.stdout
     assert journal(archive) == set()
     assert set(bucket_objects(s3[1], buckets["site-b"])) == written_while_down
 
@@ -193,7 +198,7 @@ def test_ingest_with_site_down_then_repair_a_lost_site(
     assert "site-a: complete, 36 objects read and checked" in scrub.stdout
     assert "site-b: complete, 36 objects read and checked" in scrub.stdout
     data_b, data_a = (
-        {k: v for k, v in bucket_objects(s3[i], buckets[s]).items() if not k.startswith("state/")}
+        {k: v for k, v in bucket_objects(s3[i], buckets[s]).items() if not k.startswith(kept)}
         for i, s in ((1, "site-b"), (0, "site-a"))
     )
     assert data_b == data_a
