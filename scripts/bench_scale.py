@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""How animfs holds up as the index grows: 10k, 100k, 1M (and 10M) instances.
+
+    bench_scale.py                      # 10k, 100k, 1M
+    bench_scale.py --sizes 10000,100000,1000000,10000000
+
+One archive (``animfs init --no-key`` in a temporary folder) whose index is
+filled by ``gen_index.py`` (no chunk data) and grown from one size to the next.
+At each size it reports index bytes per instance (pages in use, and the file),
+then mounts the archive for real, access control on (uid 0 is a clinician of
+CHL; every sampled file is a CHL study, so its opens are allowed and audited),
+and measures through the kernel, on files and folders not touched before:
+
+- lookup:  ``stat`` of a file never looked up (its folders already are)
+- getattr: ``statx(AT_STATX_FORCE_SYNC)`` of a looked-up file (the kernel must ask)
+- readdir: ``listdir`` of a series folder never listed
+- open:    ``open`` + ``close`` of a looked-up file: access decision + durable audit line
+- ls -l:   the ``ls -l`` command on a patient folder never listed
+
+with median and p99 per operation and the ratio of each median to the smallest
+size's, and the peak RSS (VmHWM) of the mount process.  The machine is shared:
+each size's figures are the median of --repeat rounds of --samples operations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gen_index  # noqa: E402
+
+from animfs import config as config_mod  # noqa: E402
+from animfs.index import Index  # noqa: E402
+from animfs.manifest import Manifest  # noqa: E402
+
+PYTHON = sys.executable
+AT_STATX_FORCE_SYNC = 0x2000
+STATX_BASIC_STATS = 0x7FF
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def statx_sync(path: str) -> None:
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(-100, path.encode(), AT_STATX_FORCE_SYNC, STATX_BASIC_STATS, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
+def index_bytes(index: Index) -> tuple[int, int]:
+    """(bytes of pages in use over every sub-database, bytes of the data file)."""
+    psize = index.env.stat()["psize"]
+    used = 0
+    with index.env.begin() as txn:
+        for db in index._db.values():
+            st = txn.stat(db)
+            used += (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * psize
+    return used, (index.path / "data.mdb").stat().st_size
+
+
+def sample(index: Index, count: int, rng: random.Random) -> list[Manifest]:
+    """``count`` random CHL instances, by random positions in the instance keys."""
+    out: list[Manifest] = []
+    seen: set[bytes] = set()
+    with index.env.begin() as txn:
+        cursor = txn.cursor(db=index._db["instances"])
+        for _attempt in range(count * 100):
+            if len(out) >= count:
+                break
+            if not cursor.set_range(rng.randbytes(32)):
+                continue
+            manifest = index._decode_in(txn, cursor.value())
+            if manifest.institution == "CHL" and manifest.key not in seen:
+                seen.add(manifest.key)
+                out.append(manifest)
+    return out
+
+
+def timed(fn: object, *args: object) -> float:
+    start = time.perf_counter()
+    fn(*args)  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+def measure(mnt: Path, picks: list[Manifest]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in ("lookup", "getattr", "readdir", "open", "ls")}
+    listed: set[int] = set()
+    for m in picks:
+        p = m.placement
+        patient = mnt / "patients" / p.patient_name
+        series = patient / p.study_name / p.series_name
+        os.stat(series)  # folders looked up: the file's lookup is measured alone
+        path = str(series / p.file_name)
+        fresh = p.series_ino not in listed  # a listing fills the kernel's entries
+        if fresh:
+            out["lookup"].append(timed(os.stat, path))
+        else:
+            os.stat(path)
+        out["getattr"].append(timed(statx_sync, path))
+        if fresh:
+            out["readdir"].append(timed(os.listdir, series))
+
+        def open_close(path: str = path) -> None:
+            os.close(os.open(path, os.O_RDONLY))
+
+        out["open"].append(timed(open_close))
+
+        def ls(patient: Path = patient) -> None:
+            subprocess.run(["ls", "-l", str(patient)], check=True, capture_output=True)
+
+        if p.patient_ino not in listed:
+            out["ls"].append(timed(ls))
+        listed.update((p.series_ino, p.patient_ino))
+    return out
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """(peak RSS, anonymous RSS now) of a process, in bytes.  The peak counts the index's
+    pages the process has touched through its memory map (page cache, shared and
+    reclaimable); the anonymous part is the process's own memory."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields.get("VmHWM", -1), fields.get("RssAnon", -1)
+
+
+def run_size(
+    cfg: Path, mnt: Path, picks: list[Manifest]
+) -> tuple[dict[str, list[float]], tuple[int, int]]:
+    log = open(cfg.parent / "mount.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "animfs", "--config", str(cfg), "mount", "--foreground", str(mnt)],
+        stdout=log, stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"mount failed: see {log.name}")
+            time.sleep(0.1)
+        figures = measure(mnt, picks)
+        return figures, memory(proc.pid)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--samples", type=int, default=200, help="operations of each kind per round")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per size (each on a fresh mount)")
+    ap.add_argument("--keep", help="build the archive in this folder and keep it")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="animfs-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)
+    subprocess.run([PYTHON, "-m", "animfs", "init", "--no-key", str(work)], check=True,
+                   capture_output=True)
+    cfg = work / "animfs.toml"
+    with open(cfg, "a") as f:
+        f.write('\n[users.0]\nname = "bench"\ninstitution = "CHL"\nrole = "clinician"\n'
+                '\n[sync]\ninterval = 0\n')
+    # No chunk data exists: no series prefetch, whose failed fetches would journal repairs.
+    text = cfg.read_text().replace("snapshot_interval = 3600", "snapshot_interval = 0")
+    text = text.replace("series_prefetch = 8", "series_prefetch = 0")
+    cfg.write_text(text)
+    config = config_mod.load(cfg)
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    rng = random.Random(7)
+    rows: list[tuple[int, int, int, float, dict[str, tuple[float, float]], int]] = []
+    have = 0
+    try:
+        for size in sizes:
+            index = Index(config.index_path, map_size=1 << 40)
+            try:
+                gen_start = time.monotonic()
+                gen_index.fill(index, size - have, seed=len(rows) + 1, batch=20_000)
+                gen_seconds = time.monotonic() - gen_start
+                have = size
+                used, file_bytes = index_bytes(index)
+                rounds = [sample(index, args.samples, rng) for _ in range(args.repeat)]
+            finally:
+                index.close()
+            per_round = []
+            rss = anon = 0
+            for picks in rounds:
+                figures, (peak, own) = run_size(cfg, mnt, picks)
+                per_round.append(figures)
+                rss, anon = max(rss, peak), max(anon, own)
+            merged = {
+                op: (
+                    statistics.median(statistics.median(r[op]) for r in per_round),
+                    statistics.median(pct(r[op], 0.99) for r in per_round),
+                )
+                for op in per_round[0]
+            }
+            rows.append((size, used, file_bytes, gen_seconds, merged, rss))
+            print(
+                f"{size:>10,}: {used / size:6.0f} B/instance in use ({file_bytes / size:.0f} "
+                f"file), generated in {gen_seconds:.0f} s, mount peak RSS {rss / 2**20:.0f} MiB "
+                f"(anonymous {anon / 2**20:.0f} MiB)",
+                flush=True,
+            )
+            base = rows[0][4]
+            for op, (median, p99) in merged.items():
+                print(
+                    f"{'':>12}{op:8} median {median * 1e3:7.3f} ms  p99 {p99 * 1e3:7.3f} ms  "
+                    f"x{median / base[op][0]:.2f} of {rows[0][0]:,}",
+                    flush=True,
+                )
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
