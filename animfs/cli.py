@@ -73,19 +73,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_archive(config: Config) -> tuple[Any, Any]:
-    from animfs.index import Index
-    from animfs.store import open_site
-    from animfs.store.dual import DualStore
+def _archive(config: Config) -> Any:
+    """``with _archive(config) as (index, store):`` -- both closed on leaving."""
+    from animfs import archive
 
-    index = Index(config.index_path, map_size=config.index_map_size)
-    store = DualStore(
-        [open_site(s) for s in config.sites],
-        preferred=config.preferred,
-        min_sites=config.min_sites,
-        on_bad_copy=lambda entry: index.journal_add([entry]),
-    )
-    return index, store
+    return archive.opened(config)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -99,30 +91,28 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             raise Failure(f"{path}: no such file or folder")
     total = sum(1 for _ in walk(paths))
     ring = _keys(config)
-    index, store = _open_archive(config)
-    _check_key(store, ring)
-    progress = Progress("ingest", total)
-    ingester = Ingester(config, index, store, institution=args.institution)
+    with _archive(config) as (index, store):
+        _check_key(store, ring)
+        progress = Progress("ingest", total)
+        ingester = Ingester(config, index, store, institution=args.institution)
 
-    def report(path: Path, outcome: str, reason: str) -> None:
-        if outcome == "refused":
+        def report(path: Path, outcome: str, reason: str) -> None:
+            if outcome == "refused":
+                progress.close()
+                print(f"animfs: refused {path}: {reason}", file=sys.stderr)
+            progress.step(path.name)
+
+        try:
+            summary = ingester.run(paths, report)
+        except IndexFull as exc:  # each group committed before it stays; the rest is not in
+            print(ingester.summary.line())
+            raise Failure(
+                f"{exc}; ingest stopped: {ingester.summary.ingested} instances were archived "
+                "before it, none after ('animfs gc' finds the chunks written for the rest)"
+            ) from None
+        finally:
             progress.close()
-            print(f"animfs: refused {path}: {reason}", file=sys.stderr)
-        progress.step(path.name)
-
-    try:
-        summary = ingester.run(paths, report)
-    except IndexFull as exc:  # each group committed before it stays; the rest is not in
-        print(ingester.summary.line())
-        raise Failure(
-            f"{exc}; ingest stopped: {ingester.summary.ingested} instances were archived "
-            "before it, none after ('animfs gc' finds the chunks written for the rest)"
-        ) from None
-    finally:
-        progress.close()
-        ingester.close()
-        store.close()
-        index.close()
+            ingester.close()
     print(summary.line())
     return 1 if summary.refused else 0
 
@@ -151,25 +141,23 @@ def cmd_export_cd(args: argparse.Namespace) -> int:
     from animfs.keys import for_config
 
     config = _load(args)
-    index, store = _open_archive(config)
-    progress = Progress("export-cd")
-    try:
-        done = export_cd(
-            config,
-            index,
-            store,
-            for_config(config),
-            args.patient,
-            Path(args.dest),
-            uid=os.getuid(),
-            step=progress.step,
-        )
-    except ExportError as exc:
-        raise Failure(str(exc)) from None
-    finally:
-        progress.close()
-        store.close()
-        index.close()
+    with _archive(config) as (index, store):
+        progress = Progress("export-cd")
+        try:
+            done = export_cd(
+                config,
+                index,
+                store,
+                for_config(config),
+                args.patient,
+                Path(args.dest),
+                uid=os.getuid(),
+                step=progress.step,
+            )
+        except ExportError as exc:
+            raise Failure(str(exc)) from None
+        finally:
+            progress.close()
     print(f"{args.dest}: DICOMDIR, README.TXT and {done.instances} files, {done.bytes} bytes")
     return 0
 
@@ -189,8 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from animfs.repair import pending
     from animfs.store.base import StoreError
 
-    index, store = _open_archive(config)
-    try:
+    with _archive(config) as (index, store):
         journal = pending(index)
         sites: dict[str, dict[str, Any]] = {}
         for site in store.sites:
@@ -204,9 +191,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         status = {"config": str(config.path), "index": index.counts(), "sites": sites}
         status["sync"] = _sync_report(config, index)
         status["cache"] = _cache_report(config)
-    finally:
-        store.close()
-        index.close()
     print(json.dumps(status, indent=2))
     return 0
 
@@ -254,8 +238,7 @@ def cmd_cache_prefetch(args: argparse.Namespace) -> int:
     from animfs.diskcache import DiskCache
 
     config = _load(args)
-    index, store = _open_archive(config)
-    try:
+    with _archive(config) as (index, store):
         path = warm.archive_path(args.path)
         try:
             node = warm.resolve(index, path)
@@ -275,9 +258,6 @@ def cmd_cache_prefetch(args: argparse.Namespace) -> int:
             )
         finally:
             progress.close()
-    finally:
-        store.close()
-        index.close()
     print(f"{path}: {done.line()}")
     return 1 if done.failed else 0
 
@@ -287,14 +267,12 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
     config = _load(args)
     ring = _keys(config)
-    index, store = _open_archive(config)
-    progress = Progress("repair", len(index.journal()))
-    try:
-        report = repair(index, store, step=progress.step, keys=ring)
-    finally:
-        progress.close()
-        store.close()
-        index.close()
+    with _archive(config) as (index, store):
+        progress = Progress("repair", len(index.journal()))
+        try:
+            report = repair(index, store, step=progress.step, keys=ring)
+        finally:
+            progress.close()
     for problem in report.problems:
         print(f"animfs: {problem}", file=sys.stderr)
     print(report.line())
@@ -310,24 +288,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for name in names:
         config.site(name)  # ConfigError for an unknown site
     ring = _keys(config)
-    index, store = _open_archive(config)
-    sites = [store.site(name) for name in names]
-    counts = index.counts()
-    progress = Progress("verify", counts["chunks"] + counts["instances"])
+    with _archive(config) as (index, store):
+        sites = [store.site(name) for name in names]
+        counts = index.counts()
+        progress = Progress("verify", counts["chunks"] + counts["instances"])
 
-    def problem(entry: Any) -> None:
-        progress.close()
-        print(f"{entry.site}: {entry.key}: {entry.reason.removeprefix('verify: ')}")
+        def problem(entry: Any) -> None:
+            progress.close()
+            print(f"{entry.site}: {entry.key}: {entry.reason.removeprefix('verify: ')}")
 
-    try:
-        inconsistent = check_index(index)  # the index against itself, before the sites
-        verdicts = verify(
-            index, sites, deep=args.deep, step=progress.step, problem=problem, keys=ring
-        )
-    finally:
-        progress.close()
-        store.close()
-        index.close()
+        try:
+            inconsistent = check_index(index)  # the index against itself, before the sites
+            verdicts = verify(
+                index, sites, deep=args.deep, step=progress.step, problem=problem, keys=ring
+            )
+        finally:
+            progress.close()
     for line in inconsistent:
         print(f"index: INCONSISTENT: {line}")
     if not inconsistent:
@@ -352,32 +328,30 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     config = _load(args)
     ring = _keys(config)
-    index, store = _open_archive(config)
+    with _archive(config) as (index, store):
 
-    def open_manifest(name: str, stored: bytes) -> bytes:
+        def open_manifest(name: str, stored: bytes) -> bytes:
+            try:
+                return keys.open_with(ring, name, stored)
+            except keys.SealError as exc:
+                raise ValueError(str(exc)) from None
+
+        def manifest_name(manifest: Manifest) -> str:
+            return manifest.object_key_with(ring)
+
+        progress = Progress("gc")
         try:
-            return keys.open_with(ring, name, stored)
-        except keys.SealError as exc:
-            raise ValueError(str(exc)) from None
-
-    def manifest_name(manifest: Manifest) -> str:
-        return manifest.object_key_with(ring)
-
-    progress = Progress("gc")
-    try:
-        report = gc.collect(
-            index,
-            store.sites,
-            grace=args.grace * 3600,
-            delete=args.delete,
-            manifest_name=manifest_name,
-            open_manifest=open_manifest,
-            step=progress.step,
-        )
-    finally:
-        progress.close()
-        store.close()
-        index.close()
+            report = gc.collect(
+                index,
+                store.sites,
+                grace=args.grace * 3600,
+                delete=args.delete,
+                manifest_name=manifest_name,
+                open_manifest=open_manifest,
+                step=progress.step,
+            )
+        finally:
+            progress.close()
     for o in report.orphans:
         what = "temporary file" if o.temporary else "orphan"
         print(f"{o.site}: {o.key}: {what}, {o.size} bytes, {o.age / 3600:.1f} h old")
@@ -600,16 +574,14 @@ def cmd_key_reseal(args: argparse.Namespace) -> int:
     ring = _keys(config)
     if ring is None:
         raise Failure(f"{config.path}: no [security] key_file: nothing to reseal")
-    index, store = _open_archive(config)
-    progress = Progress("reseal")
-    try:
-        report = reseal(index, list(store.sites), ring, step=progress.step)
-        if report.dropped:
-            _publish_state(config, index)
-    finally:
-        progress.close()
-        store.close()
-        index.close()
+    with _archive(config) as (index, store):
+        progress = Progress("reseal")
+        try:
+            report = reseal(index, list(store.sites), ring, step=progress.step)
+            if report.dropped:
+                _publish_state(config, index)
+        finally:
+            progress.close()
     for problem in report.failed:
         print(f"animfs: {problem}", file=sys.stderr)
     print(f"key {ring.current}: {report.line()}")
@@ -622,14 +594,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
     config = _load(args)
     ring = _keys(config)
-    index, store = _open_archive(config)
-    try:
-        snap = recovery.take_snapshot(index, store, ring, config.index_path.parent)
-    except NotEnoughSites as exc:
-        raise Failure(f"snapshot not stored: {exc}") from None
-    finally:
-        store.close()
-        index.close()
+    with _archive(config) as (index, store):
+        try:
+            snap = recovery.take_snapshot(index, store, ring, config.index_path.parent)
+        except NotEnoughSites as exc:
+            raise Failure(f"snapshot not stored: {exc}") from None
     print(f"snapshot {snap.id}: {snap.instances} instances, {snap.bytes / 1e6:.1f} MB of index "
           f"in {snap.parts} parts, at every site that answered")
     return 0
@@ -667,16 +636,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     config = _load(args)
     ring = _keys(config)
-    index, store = _open_archive(config)
-    progress = Progress("sync")
-    try:
-        report = sync.sync(index, store, ring, config.host, full=args.full, step=progress.step)
-    except sync.SyncError as exc:
-        raise Failure(f"sync stopped: {exc}") from None
-    finally:
-        progress.close()
-        store.close()
-        index.close()
+    with _archive(config) as (index, store):
+        progress = Progress("sync")
+        try:
+            report = sync.sync(index, store, ring, config.host, full=args.full, step=progress.step)
+        except sync.SyncError as exc:
+            raise Failure(f"sync stopped: {exc}") from None
+        finally:
+            progress.close()
     print(report.line())
     return 0
 

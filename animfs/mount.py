@@ -24,16 +24,15 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from animfs import fs, keys, recovery, repair, sync
+from animfs import archive, fs, keys, recovery, repair, sync
 from animfs.audit import AuditFile, AuditUnavailable, GroupCommit
 from animfs.cache import ChunkCache
 from animfs.config import Config
 from animfs.diskcache import DiskCache
 from animfs.index import Index, IndexError_
 from animfs.keys import KeyRing
-from animfs.store import open_site
 from animfs.store.base import StoreError
-from animfs.store.dual import DualStore, Missed, NotEnoughSites, WriteBatch
+from animfs.store.dual import DualStore, NotEnoughSites, WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -132,36 +131,11 @@ def unmount(mountpoint: Path) -> None:
         raise MountError(result.stderr.strip() or f"{mountpoint}: unmount failed")
 
 
-@contextlib.contextmanager
-def _components(config: Config) -> Iterator[tuple[Index, DualStore]]:
-    index = Index(config.index_path, map_size=config.index_map_size)
-    try:
-
-        def journal(entry: Missed) -> None:
-            log.warning(
-                "site %s: %s %s; journalled for repair", entry.site, entry.key, entry.reason
-            )
-            index.journal_add([entry])
-
-        store = DualStore(
-            [open_site(s) for s in config.sites],
-            preferred=config.preferred,
-            min_sites=config.min_sites,
-            on_bad_copy=journal,
-        )
-        try:
-            yield index, store
-        finally:
-            store.close()
-    finally:
-        index.close()
-
-
 def run(config: Config, mountpoint: Path) -> None:
     """Mount in this process and serve until unmounted or signalled."""
     check_mountpoint(mountpoint)
     ring = keys.for_config(config)  # a missing or unreadable key file: refuse to start
-    with _components(config) as (index, store), _audit_file(config) as audit_file:
+    with archive.opened(config) as (index, store), _audit_file(config) as audit_file:
         trio.run(_serve, config, index, store, mountpoint, audit_file, ring)
 
 
