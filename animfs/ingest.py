@@ -7,6 +7,18 @@ Instances go through this in groups (group commit: one flush and one index
 transaction for up to :data:`GROUP_FILES` instances), which is what makes
 ingest of many small files fast.  Chunks written before a crash and never
 committed are orphans for ``animfs gc``, never a half-listed file.
+
+Threads: a pool of :data:`WORKERS` reads files ahead of the main thread
+(:meth:`Ingester.read`: parse the header, then hash, compress and seal a small
+file whole), so that pydicom's parse of one file (which holds the GIL) overlaps
+the hashing and zstd of others (which do not).  The main thread takes the
+files in order (:meth:`Ingester.prepare`): the issuer, the archived check, the
+de-duplication of chunks, the writes to the sites and the group commit depend
+on the files before, so the outcome and the order of commits are those of a
+file-by-file ingest.  A large file is only parsed ahead; the main thread
+streams it through the same pool, a few chunks at a time, so memory stays
+bounded by :data:`AHEAD_BYTES` and :data:`COMPRESS_AHEAD` chunks, whatever the
+size of a file.
 """
 
 from __future__ import annotations
@@ -24,18 +36,33 @@ from typing import BinaryIO
 
 from animfs import chunks, keys, sync
 from animfs.config import Config
-from animfs.dicom import NotDicom, read_header
+from animfs.dicom import Instance, NotDicom, read_header
 from animfs.index import Index, IndexError_, IndexFull
 from animfs.manifest import Manifest, Placement, instance_key
 from animfs.store.dual import DualStore, Missed, NotEnoughSites
 
-COMPRESS_AHEAD = 4  # chunks being compressed at once
+WORKERS = 2  # threads that parse, hash, compress and seal (hashlib and zstd release the GIL)
+AHEAD_FILES = 64  # files in the workers' hands at once: enough to go on during a group flush,
+AHEAD_BYTES = 64 << 20  # ... within this much of files read whole
+WHOLE_FILE = 2 * chunks.CHUNK_SIZE  # a larger file is streamed chunk by chunk, not read whole
+COMPRESS_AHEAD = 4  # chunks of a streamed file being compressed at once
 GROUP_FILES = 64  # instances acknowledged together: one flush and one index commit ...
 GROUP_BYTES = 256 << 20  # ... or fewer, once this much data waits
 
 
 class Refused(Exception):
     """This file is not archived; the message is the reason, for one line of output."""
+
+
+@dataclass
+class Read:
+    """One file as a worker left it: open, parsed, and sealed whole if it was small."""
+
+    file: BinaryIO  # open; whoever takes the Read closes it
+    header: Instance  # issuer still empty when the file names none
+    size: int
+    sha256: str = ""  # of the whole file, when the worker read it whole
+    sealed: list[tuple[str, bytes, int]] | None = None  # (id, stored, plain size) per chunk
 
 
 @dataclass
@@ -91,7 +118,7 @@ class Ingester:
         self.clock = clock
         self.keys = keys.for_config(config)  # None: nothing is sealed
         self._log = sync.Log(self.keys, config.host)
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="animfs-zstd")
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="animfs-ingest")
         self.summary = Summary(stored={site.name: 0 for site in store.sites})
         self._batch = store.batch()  # the objects of the group being ingested
         self._sent: set[str] = set()  # chunk ids in that batch
@@ -99,25 +126,96 @@ class Ingester:
         self._group_issuers: dict[tuple[str, str], str] = {}
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def prepare(self, path: Path) -> Manifest | None:
-        """Read one file and start writing its chunks to the sites.
+    def read_ahead(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Future[Read]]]:
+        """``paths`` in order, each with the worker's :meth:`read` of it under way.
 
-        Returns its manifest (not yet placed), or None when the identical instance
-        is already archived.  Raises :class:`Refused`.
+        At most :data:`AHEAD_FILES` files (and :data:`AHEAD_BYTES` of files read
+        whole) are in the workers' hands at once, which bounds memory; enough to
+        keep them busy while a group is flushed and committed.  The caller closes
+        each :attr:`Read.file`; files read ahead and never taken are closed here.
+        """
+        ahead: deque[tuple[Path, Future[Read], int]] = deque()
+        in_hand = 0
+        try:
+            for path in walk(paths):
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    size = 0  # read() says why, in its turn
+                weight = size if size <= WHOLE_FILE else 0
+                while ahead and (len(ahead) >= AHEAD_FILES or in_hand + weight > AHEAD_BYTES):
+                    done, future, done_weight = ahead.popleft()
+                    in_hand -= done_weight
+                    yield done, future
+                ahead.append((path, self.pool.submit(self.read, path), weight))
+                in_hand += weight
+            while ahead:
+                done, future, _ = ahead.popleft()
+                yield done, future
+        finally:
+            for _, future, _ in ahead:
+                if not future.cancel() and future.exception() is None:
+                    future.result().file.close()
+
+    def read(self, path: Path) -> Read:
+        """Open and parse one file and, if it is small, hash, compress and seal it whole.
+
+        Runs in a worker thread: it touches neither the batch nor the group, and
+        asks the index only whether the instance is archived (to skip sealing what
+        will not be stored).  Raises :class:`Refused`.
         """
         try:
-            with open(path, "rb") as f:
-                return self._prepare(f)
+            f = open(path, "rb")
         except OSError as exc:
             raise Refused(f"cannot read: {exc.strerror or exc}") from exc
+        try:
+            return self._read(f)
+        except OSError as exc:
+            f.close()
+            raise Refused(f"cannot read: {exc.strerror or exc}") from exc
+        except BaseException:
+            f.close()
+            raise
 
-    def _prepare(self, f: BinaryIO) -> Manifest | None:
+    def _read(self, f: BinaryIO) -> Read:
         try:
             header = read_header(f, issuer_default="")
         except NotDicom as exc:
             raise Refused(str(exc)) from None
+        size = os.fstat(f.fileno()).st_size
+        if size > WHOLE_FILE:
+            return Read(f, header, size)  # streamed by the caller, chunk by chunk
+        f.seek(0)
+        plain = f.read(size + 1)
+        if len(plain) != size:
+            raise Refused("the file changed while it was read")
+        sha = hashlib.sha256(plain).hexdigest()
+        if self.index.has_instance(instance_key(header.sop_uid)):
+            return Read(f, header, size, sha)  # only its checksum matters
+        view = memoryview(plain)
+        sealed = [
+            _seal(view[at : at + chunks.CHUNK_SIZE], self.keys)
+            for at in range(0, size, chunks.CHUNK_SIZE)
+        ]
+        return Read(f, header, size, sha, sealed)
+
+    def prepare(self, read: Read) -> Manifest | None:
+        """Take one file as a worker read it, and start writing its chunks to the sites.
+
+        Runs in file order, on the caller's thread: the issuer, the archived check
+        and the de-duplication of chunks depend on the files before it.  Returns
+        its manifest (not yet placed), or None when the identical instance is
+        already archived.  Raises :class:`Refused`.
+        """
+        try:
+            return self._prepare(read)
+        except OSError as exc:
+            raise Refused(f"cannot read: {exc.strerror or exc}") from exc
+
+    def _prepare(self, read: Read) -> Manifest | None:
+        header = read.header
         institution = (
             self.institution
             or institution_code(self.config, header.institution_name)
@@ -136,13 +234,18 @@ class Ingester:
         self._group_issuers[header.study_uid, header.patient_id] = header.issuer
         existing = self.index.manifest(instance_key(header.sop_uid))
         if existing is not None:
-            f.seek(0)
-            _same_or_refuse(existing, _file_sha256(f))
+            if not read.sha256:
+                read.file.seek(0)
+            _same_or_refuse(existing, read.sha256 or _file_sha256(read.file))
             return None
-        f.seek(0)
-        size, sha, refs = self._store_chunks(f)
-        if size != os.fstat(f.fileno()).st_size:
-            raise Refused("the file changed while it was read")
+        if read.sealed is not None:
+            size, sha = read.size, read.sha256
+            refs = [self._send(*sealed) for sealed in read.sealed]
+        else:  # large, or archived when the worker looked and no longer: stream it
+            read.file.seek(0)
+            size, sha, refs = self._store_chunks(read.file)
+            if size != os.fstat(read.file.fileno()).st_size:
+                raise Refused("the file changed while it was read")
         return Manifest(
             header,
             institution,
@@ -154,23 +257,21 @@ class Ingester:
             keyed=self.keys is not None,
         )
 
+    def _send(self, chunk_id: str, stored: bytes, plain_size: int) -> chunks.ChunkRef:
+        """Start writing one sealed chunk to the sites, unless it is there or on its way."""
+        if chunk_id not in self._sent and not self.index.has_chunk(chunk_id):
+            self._sent.add(chunk_id)
+            self._batch.put(chunks.chunk_key(chunk_id), stored)
+            for name in self.summary.stored:
+                self.summary.stored[name] += len(stored)
+        return chunks.ChunkRef(chunk_id, plain_size, len(stored))
+
     def _store_chunks(self, f: BinaryIO) -> tuple[int, str, list[chunks.ChunkRef]]:
         """Read, hash, compress and start writing every chunk; returns (size, sha256, refs)."""
         whole = hashlib.sha256()
         refs: list[chunks.ChunkRef] = []
         pending: deque[Future[tuple[str, bytes, int]]] = deque()
         size = 0
-
-        def finish(future: Future[tuple[str, bytes, int]]) -> None:
-            chunk_id, stored, plain_size = future.result()
-            refs.append(chunks.ChunkRef(chunk_id, plain_size, len(stored)))
-            if chunk_id in self._sent or self.index.has_chunk(chunk_id):
-                return  # de-duplicated: already at the sites, or on its way
-            self._sent.add(chunk_id)
-            self._batch.put(chunks.chunk_key(chunk_id), stored)
-            for name in self.summary.stored:
-                self.summary.stored[name] += len(stored)
-
         while True:
             plain = f.read(chunks.CHUNK_SIZE)
             if not plain:
@@ -179,9 +280,9 @@ class Ingester:
             whole.update(plain)
             pending.append(self.pool.submit(_seal, plain, self.keys))
             while len(pending) > COMPRESS_AHEAD:
-                finish(pending.popleft())
+                refs.append(self._send(*pending.popleft().result()))
         while pending:
-            finish(pending.popleft())
+            refs.append(self._send(*pending.popleft().result()))
         return size, whole.hexdigest(), refs
 
     def _publish(self, placed: list[Manifest]) -> list[Missed]:
@@ -247,9 +348,15 @@ class Ingester:
                     self.summary.refused += 1
                 report(path, outcome, reason)
 
-        for path in walk(paths):
+        for path, future in self.read_ahead(paths):
             try:
-                manifest = self.prepare(path)
+                read = future.result()
+            except Refused as exc:
+                settle([(path, "refused", str(exc))])
+                continue
+            try:
+                with read.file:
+                    manifest = self.prepare(read)
             except Refused as exc:
                 settle([(path, "refused", str(exc))])
                 continue
@@ -285,6 +392,6 @@ def _same_or_refuse(stored: Manifest, sha256: str) -> None:
         )
 
 
-def _seal(plain: bytes, ring: keys.KeyRing | None) -> tuple[str, bytes, int]:
+def _seal(plain: bytes | memoryview, ring: keys.KeyRing | None) -> tuple[str, bytes, int]:
     chunk_id, stored = chunks.seal(plain, ring)
     return chunk_id, stored, len(plain)

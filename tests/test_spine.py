@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from animfs import index as index_mod
-from animfs.dicom import NAME_MAX, safe_name, unique_name
+from animfs.dicom import NAME_MAX, NotDicom, _instance, read_header, safe_name, unique_name
 
 import gen_dicom
 from conftest import Archive, files_under, sha256_file
@@ -204,6 +204,28 @@ def test_naming_rules() -> None:
     u = unique_name("x" * 255, "1.2.3")
     assert len(u.encode()) <= 255 and "~" in u
     assert unique_name("00001_1.2.dcm", "1.2").endswith(".dcm")
+
+
+def test_header_parse_reads_what_a_full_parse_reads(series_dir: Path) -> None:
+    """read_header asks pydicom for HEADER_KEYWORDS only: it must see every tag it uses."""
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    compared = charsets = 0
+    for path in sorted(folder.rglob("*")) + files_under(series_dir):
+        if not path.is_file():
+            continue
+        try:
+            full = _instance(pydicom.dcmread(path, stop_before_pixels=True), "ISSUER")
+        except Exception:
+            continue  # not a file read_header would take either
+        try:
+            with open(path, "rb") as f:
+                header = read_header(f, issuer_default="ISSUER")
+        except NotDicom:
+            continue  # refused by the walk of the whole file: cut short
+        assert header == full, path
+        compared += 1
+        charsets += bool(header.charset)
+    assert compared >= 50 and charsets >= 5, (compared, charsets)
 
 
 def test_issuer_defaults_to_the_ingesting_institution(archive: Archive, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import ctypes
 import errno
 import os
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -62,14 +61,14 @@ class LocalStore:
 
     def put(self, key: str, data: bytes) -> None:
         path = self.path(key)
-        tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
-        if not self.root.is_dir():
-            # Gone (an unmounted disk, a renamed folder): writing would make a new,
-            # empty site in its place, on whatever disk holds the folder above.
-            raise SiteUnavailable(self.name, key, f"site folder {self.root} is gone")
+        tmp = path.parent / f"{_TMP}{os.urandom(16).hex()}"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            try:
+                f = open(tmp, "wb")
+            except FileNotFoundError:  # its folder is new (checked only then: puts are hot)
+                self._make_folder(path.parent, key)
+                f = open(tmp, "wb")
+            with f:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as exc:
@@ -80,6 +79,13 @@ class LocalStore:
             raise self._unavailable(key, exc) from exc
         with self._lock:
             self._unsynced.append(path)
+
+    def _make_folder(self, folder: Path, key: str) -> None:
+        if not self.root.is_dir():
+            # Gone (an unmounted disk, a renamed folder): writing would make a new,
+            # empty site in its place, on whatever disk holds the folder above.
+            raise SiteUnavailable(self.name, key, f"site folder {self.root} is gone")
+        folder.mkdir(parents=True, exist_ok=True)
 
     def flush(self) -> None:
         with self._lock:
