@@ -45,6 +45,7 @@ BLOCK = 512
 SERIES_AHEAD = 8  # following files of a folder fetched when one is opened ...
 SERIES_CHUNKS = 2  # ... up to this many chunks of each
 PREFETCHED_MEMORY = 4096  # inodes remembered as prefetched, so each is fetched once
+OPENABLE_MEMORY = 4096  # files whose node and instance record are kept for opens (~1.6 KB each)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -109,6 +110,16 @@ FILE_XATTRS = (*DICOM_XATTRS, *ANIMFS_FILE_XATTRS)
 DIR_XATTRS = (b"user.animfs.subdirs", b"user.animfs.files", b"user.animfs.bytes")
 
 
+def _remember(memory: OrderedDict[tuple[int, bool], None], key: tuple[int, bool]) -> bool:
+    """Add ``key`` to a memory of the last :data:`PREFETCHED_MEMORY`; False if it was there."""
+    if key in memory:
+        return False
+    memory[key] = None
+    if len(memory) > PREFETCHED_MEMORY:
+        memory.popitem(last=False)
+    return True
+
+
 @dataclass
 class OpenDir:
     ino: int
@@ -153,6 +164,12 @@ class Operations(pyfuse3.Operations):
         # (inode, bypass) already prefetched: backup prefetches must not stop a
         # clinician's open from warming the caches
         self._prefetched: OrderedDict[tuple[int, bool], None] = OrderedDict()
+        # ... and (inode, bypass) whose following files were, when it was opened
+        self._followed: OrderedDict[tuple[int, bool], None] = OrderedDict()
+        # Files as open needs them (node and instance record), by inode: neither ever
+        # changes once committed, and reading and decoding them cost about as much
+        # as the round trip of the open itself.  Filled by opens and series prefetch.
+        self._openable: OrderedDict[int, tuple[Node, Manifest]] = OrderedDict()
 
     # -- attributes ------------------------------------------------------------------
 
@@ -353,18 +370,21 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if is_cd(inode):
             return await self._cd_open(inode, ctx)
-        node = self._node(inode)
-        if node.kind == DIR:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        if node.kind != FILE:
-            raise pyfuse3.FUSEError(errno.ELOOP)
-        if inode == STATUS_INO:
-            return self._open_status(ctx)
-        self.counters.opens += 1  # asked for; denials are counted among them
-        manifest = self.index.manifest(node.instance)
-        if manifest is None:
-            log.error("inode %d: instance record missing from the index", inode)
-            raise pyfuse3.FUSEError(errno.EIO)
+        known = self._openable.get(inode)
+        if known is not None:  # opened (or prefetched) before: nothing to read or decode
+            self._openable.move_to_end(inode)
+            node, manifest = known
+            self.counters.opens += 1
+        else:
+            node = self._node(inode)
+            if node.kind == DIR:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            if node.kind != FILE:
+                raise pyfuse3.FUSEError(errno.ELOOP)
+            if inode == STATUS_INO:
+                return self._open_status(ctx)
+            self.counters.opens += 1  # asked for; denials are counted among them
+            manifest = self._instance(node)
         if self.guard.enforced:
             await self._authorize(node, manifest, ctx)
         fh = self._new_fh()
@@ -374,18 +394,35 @@ class Operations(pyfuse3.Operations):
             self._prefetch_following(node, bypass)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
+    def _instance(self, node: Node) -> Manifest:
+        """The instance record of a file to open (EIO if it is missing)."""
+        manifest = self._keep(node)
+        if manifest is None:
+            log.error("inode %d: instance record missing from the index", node.ino)
+            raise pyfuse3.FUSEError(errno.EIO)
+        return manifest
+
+    def _keep(self, node: Node) -> Manifest | None:
+        """The instance record of a file, kept in memory with its node for its next opens."""
+        manifest = self.index.manifest(node.instance)
+        if manifest is not None:
+            self._openable[node.ino] = (node, manifest)
+            if len(self._openable) > OPENABLE_MEMORY:
+                self._openable.popitem(last=False)
+        return manifest
+
     def _prefetch_following(self, node: Node, bypass: bool) -> None:
         """Start fetching the next files of the folder, in listing order: viewers,
         converters and backups read a series one file after another, and each file
         of a series is typically a chunk or less, so waiting for each in turn would
-        cost a site round trip per file."""
+        cost a site round trip per file.  A file opened again (a series read twice)
+        does not list its folder again: its following files were seen to then."""
+        if not _remember(self._followed, (node.ino, bypass)):
+            return
         for sibling in self.index.entries(node.parent, node.name, self.series_ahead):
-            if sibling.kind != FILE or (sibling.ino, bypass) in self._prefetched:
+            if sibling.kind != FILE or not _remember(self._prefetched, (sibling.ino, bypass)):
                 continue
-            self._prefetched[sibling.ino, bypass] = None
-            if len(self._prefetched) > PREFETCHED_MEMORY:
-                self._prefetched.popitem(last=False)
-            manifest = self.index.manifest(sibling.instance)
+            manifest = self._keep(sibling)
             if manifest is not None:
                 self.cache.prefetch(manifest.chunks[:SERIES_CHUNKS], bypass=bypass)
 
