@@ -23,12 +23,13 @@ size of a file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,7 @@ class Ingester:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def read_ahead(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Future[Read]]]:
+    def read_ahead(self, paths: Iterable[Path]) -> Generator[tuple[Path, Future[Read]], None, None]:
         """``paths`` in order, each with the worker's :meth:`read` of it under way.
 
         At most :data:`AHEAD_FILES` files (and :data:`AHEAD_BYTES` of files read
@@ -348,26 +349,27 @@ class Ingester:
                     self.summary.refused += 1
                 report(path, outcome, reason)
 
-        for path, future in self.read_ahead(paths):
-            try:
-                read = future.result()
-            except Refused as exc:
-                settle([(path, "refused", str(exc))])
-                continue
-            try:
-                with read.file:
-                    manifest = self.prepare(read)
-            except Refused as exc:
-                settle([(path, "refused", str(exc))])
-                continue
-            if manifest is None:
-                settle([(path, "skipped", "")])
-                continue
-            group.append((path, manifest))
-            group_bytes += manifest.size
-            if len(group) >= GROUP_FILES or group_bytes >= GROUP_BYTES:
-                settle(self.commit_group(group))
-                group, group_bytes = [], 0
+        with contextlib.closing(self.read_ahead(paths)) as reads:  # closes what is left
+            for path, future in reads:
+                try:
+                    read = future.result()
+                except Refused as exc:
+                    settle([(path, "refused", str(exc))])
+                    continue
+                try:
+                    with read.file:
+                        manifest = self.prepare(read)
+                except Refused as exc:
+                    settle([(path, "refused", str(exc))])
+                    continue
+                if manifest is None:
+                    settle([(path, "skipped", "")])
+                    continue
+                group.append((path, manifest))
+                group_bytes += manifest.size
+                if len(group) >= GROUP_FILES or group_bytes >= GROUP_BYTES:
+                    settle(self.commit_group(group))
+                    group, group_bytes = [], 0
         if group:
             settle(self.commit_group(group))
         self.summary.seconds = time.monotonic() - start

@@ -117,6 +117,44 @@ def test_second_ingest_is_a_no_op_and_changed_bytes_are_refused(
         assert sha256_file(served) == sha256_file(files_under(series_dir / "ct")[0])
 
 
+def test_one_run_takes_files_in_order_whatever_the_workers_do(
+    archive: Archive, series_dir: Path, tmp_path: Path
+) -> None:
+    """Small files sealed ahead by the workers, a large one streamed, a refused one, the
+    same instance twice (identical: skipped; changed: refused) in one run and group."""
+    src = tmp_path / "mixed"
+    src.mkdir()
+    ct = files_under(series_dir / "ct")
+    for i, path in enumerate(ct[:3]):
+        shutil.copy(path, src / f"a{i}.dcm")
+    big = src / "b_big.dcm"  # over 8 MiB: parsed ahead, then streamed chunk by chunk
+    gen_dicom.write_large_instance(big, size_mb=10, patient_id="P001", patient_name="Doe^Jane",
+                                   seed=3)
+    (src / "c_garbage.dcm").write_bytes(os.urandom(3000))
+    shutil.copy(ct[0], src / "d_twin.dcm")
+    ds = pydicom.dcmread(ct[1])
+    ds.SeriesDescription = "same instance, other bytes"
+    ds.save_as(src / "e_changed.dcm")
+
+    result = archive.ingest(src, check=False)
+    assert result.returncode == 1
+    refused = [line for line in result.stderr.splitlines() if line.startswith("animfs: refused")]
+    assert [Path(line.split(": ")[1].split()[-1]).name for line in refused] == [
+        "c_garbage.dcm", "e_changed.dcm"], result.stderr
+    assert f"SOPInstanceUID {ds.SOPInstanceUID} is already archived" in refused[1]
+    assert "4 ingested, 1 skipped (already archived), 2 refused" in result.stdout
+    with archive.mounted() as m:
+        served = mount_files(m.path)
+        assert len(served) == 4
+        for original in [*ct[:3], big]:
+            assert sha256_file(served[sop_of(original)]) == sha256_file(original)
+    index = index_mod.Index(archive.dir / "index")
+    try:
+        assert index_mod.check(index) == []
+    finally:
+        index.close()
+
+
 def test_bad_input_gets_one_line_each_and_changes_nothing(
     archive: Archive, series_dir: Path, tmp_path: Path
 ) -> None:
