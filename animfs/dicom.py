@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+import threading
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -103,6 +104,13 @@ def _join(*parts: str) -> str:
     return "_".join(p for p in parts if p)
 
 
+# warnings.catch_warnings() swaps the process's warning filters: two parses in two
+# threads (ingest's workers) would restore each other's, and pydicom's warnings about
+# damaged input would reach stderr.  A parse holds the GIL anyway: taking turns costs
+# little.
+_QUIET = threading.Lock()
+
+
 def read_header(source: BinaryIO, *, issuer_default: str) -> Instance:
     """Parse the header of one DICOM file and check that the file is complete.
 
@@ -112,15 +120,16 @@ def read_header(source: BinaryIO, *, issuer_default: str) -> Instance:
     IssuerOfPatientID.  Raises :class:`NotDicom` with a short reason.
     """
     try:
-        with warnings.catch_warnings():
+        with _QUIET, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
             instance = _instance(ds, issuer_default)
             implicit, little = ds.original_encoding
+            deflated = transfer_syntax_of(ds) == DEFLATED
+        if not deflated:
             size = source.seek(0, 2)
-            if transfer_syntax_of(ds) != DEFLATED:
-                _walk(source, size=size, implicit=bool(implicit), little=bool(little))
-            return instance
+            _walk(source, size=size, implicit=bool(implicit), little=bool(little))
+        return instance
     except InvalidDicomError:
         raise NotDicom("not a DICOM file (no DICM prefix and no readable header)") from None
     except NotDicom:
