@@ -4,32 +4,37 @@ Schema (one LMDB environment, named sub-databases; integers big-endian in keys
 so that keys sort numerically, little-endian in values):
 
 ``nodes``      inode (u64 BE) -> node record, see :func:`_encode_node`:
-               kind u8 | parent u64 | mtime_ns i64 | size u64 | name_len u16 | name
-               then by kind:
-                 dir:  subdirs u64 | files below u64 | bytes below u64
-                 file: instance key (32 bytes)
-                 link: target (the rest)
+                 an instance file: 4 (u8) | its instance record (:mod:`animfs.record`,
+                   format 2, ~150 bytes: series inode (its parent), file inode, ingested_ns
+                   (its mtime), size, SOPInstanceUID, checksum, chunk list, what differs
+                   from its series; its file name only where that is not the default
+                   ``<InstanceNumber:05d>_<SOPInstanceUID>.dcm``), or in an index
+                   upgraded from format 1 possibly the manifest JSON (first byte ``{``).
+                   Either decodes to a manifest byte-identical to ``manifests/<key hex>``
+                   at the sites, or with a key to what ``manifests/<keyed name>`` opens to.
+                 any other node: kind u8 | parent u64 | mtime_ns i64 | size u64 |
+                   name_len u16 | name, then by kind:
+                   dir (1):  subdirs u64 | files below u64 | bytes below u64
+                   file (2): nothing (the fixed /.animfs/status)
+                   link (3): target (the rest)
 ``dirents``    parent inode (u64 BE) + name bytes -> child inode (u64 BE).
                Sorted by name within a folder: a listing is one cursor walk.
 ``ids``        identity -> inode (u64 BE).  Identities:
                  b"P\\0" issuer "-" PatientID   patient folder
                  b"S\\0" StudyInstanceUID        study folder
                  b"R\\0" SeriesInstanceUID       series folder
-                 b"I\\0" SOPInstanceUID          instance file
                  b"L\\0" StudyInstanceUID        symlink under /studies
                  b"Y\\0" YYYY | YYYY/MM | YYYY/MM/DD   folders under /by-date
                  b"D\\0" StudyInstanceUID        symlink under /by-date/YYYY/MM/DD
                  b"O\\0" MOD | MOD/YYYY | MOD/YYYY/MM  folders under /by-modality
                  b"M\\0" MOD "\\0" StudyInstanceUID  symlink under /by-modality/MOD/YYYY/MM
-``instances``  instance key (sha256 of SOPInstanceUID, 32 bytes) -> the instance record
-               (:mod:`animfs.record`, format 2: ~160 bytes: file and series inode, size,
-               SOPInstanceUID, checksum, chunk list, what differs from its series), or
-               in a format-1 index the manifest JSON (first byte ``{``, still read).
-               Either decodes to a manifest byte-identical to ``manifests/<key hex>``
-               at the sites, or with a key to what ``manifests/<keyed name>`` opens to.
+``instances``  instance key (sha256 of SOPInstanceUID, 32 bytes) -> the instance's file
+               inode (u64 BE), whose ``nodes`` entry holds its record.  An instance file's
+               identity (SOPInstanceUID) is found here, not in ``ids``.
 ``series``     series inode (u64 BE) -> the series record (:mod:`animfs.record`): the
                tags, institution, folder names and inodes its instances share.
-``chunks``     chunk id (32 raw bytes) -> stored size u64 | references u64.
+``chunks``     chunk id (32 raw bytes) -> stored size varint | references varint
+               (LEB128; in an index from before format 3, u64 LE each: still read).
 ``journal``    site name + b"\\0" + object key -> JSON {"reason", "time"}: the
                repair journal, one entry per object a site lacks a good copy of.
 ``consents``   patient key (issuer "-" PatientID) + b"\\0" + institution code or b"all"
@@ -40,10 +45,9 @@ so that keys sort numerically, little-endian in values):
                "reason"}: the latest break-the-glass grant of that uid for that patient.
 ``media``      the /cd tree, one DICOM medium per patient (:mod:`animfs.media`); numbers
                are given once, when an instance is committed, in commit order:
-                 b"f\0" + instance key -> study, series, image number (u32 BE each): the
-                   instance's file ID DICOM/ST<study>/SE<series>/IM<image> (6 digits each)
                  b"e\0" + folder inode (u64 BE) + number (u32 BE) -> inode (u64 BE) of the
-                   study, series or instance with that number in that patient, study or series
+                   study, series or instance with that number in that patient, study or series:
+                   an instance's file ID is DICOM/ST<study>/SE<series>/IM<image> (6 digits each)
                  b"n\0" + folder inode (u64 BE) -> the last number given in it (u32 BE)
                  b"c\0" + cd inode (u64 BE) -> kind (1 byte) | inode (u64 BE) | number (u32 BE):
                    an entry of /cd: P /cd/<patient>, M its DICOMDIR, T its README.TXT, D its
@@ -51,7 +55,11 @@ so that keys sort numerically, little-endian in values):
                    (inode: that folder's under /patients)
                  b"i\0" + kind + inode (u64 BE) -> cd inode (u64 BE) | number (u32 BE): the
                    reverse of b"c"
-``meta``       b"format" -> b"2" (b"1": instance records were all JSON; read as well).
+``meta``       b"format" -> b"3".  An index of format 2 (instance records in ``instances``,
+                 files' nodes with their name and instance key, b"I\\0" identities in
+                 ``ids``, b"f\\0" file IDs in ``media``) or 1 (the same, records in JSON) is
+                 upgraded in place when opened, in one transaction, with a log line
+                 (:meth:`Index._upgrade`); chunk values keep their old form until rewritten.
                b"sync\0" + host -> JSON {"after", "seen"}: how far ``animfs sync`` has
                  read that host's log at the sites (:mod:`animfs.sync`); b"sync-last" ->
                  JSON {"time", "added", "hosts"} of the last sync.
@@ -89,6 +97,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import struct
 import time
@@ -102,10 +111,11 @@ import lmdb
 from animfs import record
 from animfs.access import IN_ORDER, BreakGlass, Consent, PatientState
 from animfs.dicom import safe_name, unique_name
-from animfs.manifest import Manifest, Placement
+from animfs.manifest import Manifest, Placement, instance_key
 from animfs.store.dual import Missed
 
 DIR, FILE, LINK = 1, 2, 3
+INSTANCE = 4  # stored kind of an instance file's node: its record follows (a FILE)
 
 ROOT_INO = 1
 PATIENTS_INO = 2
@@ -129,14 +139,13 @@ FIRST_DYNAMIC_INO = 1 << 16
 CD_INO = 8  # /cd: one DICOM medium per patient, made by _ensure_media
 CD_FIRST_INO = 1 << 63  # inodes of the /cd tree, see "media" above
 CD_PATIENT, CD_DICOMDIR, CD_README, CD_DICOM, CD_STUDY, CD_SERIES = b"PMTDSR"
-_MEDIA_FILE = struct.Struct(">III")
 _CD_ENTRY = struct.Struct(">cQI")
 _CD_INO = struct.Struct(">QI")
 
 _HEAD = struct.Struct("<BQqQH")
 _DIR_TAIL = struct.Struct("<QQQ")
 _U64 = struct.Struct(">Q")
-_CHUNK = struct.Struct("<QQ")
+_OLD_CHUNK = struct.Struct("<QQ")  # chunk values before format 3
 _DBS = (
     "nodes",
     "dirents",
@@ -153,8 +162,10 @@ _DBS = (
 )
 _U32 = struct.Struct(">I")
 _STATE = b"state\0"  # meta: access state changed, not yet at the sites
-FORMAT = b"2"  # see the schema above and animfs.record
-READABLE_FORMATS = (b"1", b"2")
+FORMAT = b"3"  # see the schema above and animfs.record
+UPGRADABLE_FORMATS = (b"1", b"2")
+
+log = logging.getLogger(__name__)
 
 
 class IndexError_(Exception):
@@ -193,16 +204,26 @@ class Node:
 
 
 def _encode_node(n: Node) -> bytes:
+    """The node value of a folder, a link or a fixed file (an instance file's is
+    :func:`_instance_node`)."""
+    assert not n.instance, "an instance file's node is its record"
     head = _HEAD.pack(n.kind, n.parent, n.mtime_ns, n.size, len(n.name)) + n.name
     if n.kind == DIR:
         return head + _DIR_TAIL.pack(n.subdirs, n.files, n.bytes_below)
-    if n.kind == FILE:
-        return head + n.instance
     return head + n.target
+
+
+def _instance_node(record_: bytes | memoryview) -> bytes:
+    """The node value of an instance file whose instance record is ``record_``."""
+    return bytes([INSTANCE]) + bytes(record_)
 
 
 def _decode_node(ino: int, data: bytes | memoryview | None) -> Node:
     assert data is not None, f"inode {ino}: node record missing"
+    if data[0] == INSTANCE:
+        _ino, parent, mtime_ns, size, file_name, sop_uid = record.peek(data[1:])
+        return Node(ino, FILE, parent, file_name.encode(), mtime_ns, size,
+                    instance=instance_key(sop_uid))
     kind, parent, mtime_ns, size, name_len = _HEAD.unpack_from(data)
     start = _HEAD.size
     name = bytes(data[start : start + name_len])
@@ -211,8 +232,35 @@ def _decode_node(ino: int, data: bytes | memoryview | None) -> Node:
         subdirs, files, nbytes = _DIR_TAIL.unpack(tail)
         return Node(ino, kind, parent, name, mtime_ns, size, subdirs, files, nbytes)
     if kind == FILE:
-        return Node(ino, kind, parent, name, mtime_ns, size, instance=tail)
+        return Node(ino, kind, parent, name, mtime_ns, size)
     return Node(ino, kind, parent, name, mtime_ns, size, target=tail)
+
+
+def _chunk_value(stored: int, refs: int) -> bytes:
+    out = bytearray()
+    for n in (stored, refs):
+        while n >= 0x80:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+    return bytes(out)
+
+
+def _chunk_fields(value: bytes | memoryview) -> tuple[int, int]:
+    """(stored size, references) of a chunk value, either form."""
+    if len(value) == _OLD_CHUNK.size:
+        stored, refs = _OLD_CHUNK.unpack(value)
+        return int(stored), int(refs)
+    out, n, shift = [], 0, 0
+    for b in bytes(value):
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            out.append(n)
+            n = shift = 0
+    if len(out) != 2:
+        raise ValueError("malformed chunk value")
+    return out[0], out[1]
 
 
 def _ino_key(ino: int) -> bytes:
@@ -259,25 +307,89 @@ class Index:
         self.env.close()
 
     def _check_format(self) -> None:
-        """Refuse an index written by a newer animfs; mark a format-1 one as format 2
-        (its JSON records stay readable, new ones are compact)."""
+        """Refuse an index written by a newer animfs; upgrade one of format 1 or 2."""
         with self.env.begin() as txn:
             found = txn.get(b"format", db=self._db["meta"])
         if found is None or bytes(found) == FORMAT:
             return
-        if bytes(found) not in READABLE_FORMATS:
+        if bytes(found) not in UPGRADABLE_FORMATS:
             raise IndexError_(
                 f"{self.path}: index format {bytes(found).decode(errors='replace')} is not one "
                 f"this animfs reads ({FORMAT.decode()}); move it away and run "
                 "'animfs rebuild-index'"
             )
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Bring a format-1 or format-2 index to format 3, in one transaction: each
+        instance record moves from ``instances`` into its file's node (which held the
+        file's name and instance key), ``instances`` keeps the file's inode, and the
+        b"I\\0" identities and b"f\\0" file IDs go (the first repeated the instance
+        key, the second the b"e\\0" numbers)."""
+        start = time.monotonic()
+        dbs = self._db
+        moved = 0
         with self._write() as txn:
-            txn.put(b"format", FORMAT, db=self._db["meta"])
+            found = txn.get(b"format", db=dbs["meta"])
+            if found is None or bytes(found) == FORMAT:
+                return  # another process upgraded it meanwhile
+            cursor = txn.cursor(db=dbs["instances"])
+            go = cursor.first()
+            while go:
+                key, data = bytes(cursor.key()), bytes(cursor.value())
+                file_ino, _series, _t, _size, name, sop_uid = record.peek(data)
+                old = _decode_node(file_ino, txn.get(_ino_key(file_ino), db=dbs["nodes"]))
+                if old.name.decode() != name:  # never seen; the node's name is the truth
+                    manifest = self._decode_in(txn, data)
+                    place = dataclasses.replace(manifest.placement, file_name=old.name.decode())
+                    shared = txn.get(_ino_key(old.parent), db=dbs["series"])
+                    renamed = manifest.with_placement(place)
+                    data = (renamed.to_bytes() if shared is None
+                            else record.encode_instance(renamed, shared))
+                txn.put(_ino_key(file_ino), _instance_node(data), db=dbs["nodes"])
+                txn.delete(b"I\0" + sop_uid.encode(), db=dbs["ids"])
+                txn.delete(b"f\0" + key, db=dbs["media"])
+                cursor.put(key, _ino_key(file_ino))
+                moved += 1
+                go = cursor.next()
+            txn.put(b"format", FORMAT, db=dbs["meta"])
+        log.info("%s: index upgraded from format %s to %s (%d instances) in %.1f s",
+                 self.path, bytes(found).decode(), FORMAT.decode(), moved,
+                 time.monotonic() - start)
 
     def _decode_in(self, txn: lmdb.Transaction, data: bytes | memoryview) -> Manifest:
         """The manifest of an instance record (compact or JSON), read in ``txn``."""
         series = self._db["series"]
         return record.decode(data, lambda ino: txn.get(_U64.pack(ino), db=series))
+
+    def _identity_in(self, txn: lmdb.Transaction, identity: bytes) -> bytes | None:
+        """The inode (u64 BE) an identity names, or None: from ``ids``, or for an
+        instance file (b"I\\0" + SOPInstanceUID) from ``instances``."""
+        if identity.startswith(b"I\0"):
+            found = txn.get(instance_key(identity[2:].decode()), db=self._db["instances"])
+        else:
+            found = txn.get(identity, db=self._db["ids"])
+        return None if found is None else bytes(found)
+
+    def _record_in(self, txn: lmdb.Transaction, file_ino: int) -> bytes | None:
+        """The instance record of the file ``file_ino``, or None (not an instance file)."""
+        data = txn.get(_ino_key(file_ino), db=self._db["nodes"])
+        return None if data is None or data[0] != INSTANCE else bytes(data[1:])
+
+    def _manifest_in(self, txn: lmdb.Transaction, key: bytes) -> Manifest | None:
+        """The manifest of the instance with instance key ``key``, or None."""
+        found = txn.get(key, db=self._db["instances"])
+        data = None if found is None else self._record_in(txn, _U64.unpack(found)[0])
+        return None if data is None else self._decode_in(txn, data)
+
+    def _manifests_in(self, txn: lmdb.Transaction) -> list[Manifest]:
+        """Every instance's manifest, in ingest order (to number or link them again)."""
+        out = []
+        for _key, found in txn.cursor(db=self._db["instances"]):
+            data = self._record_in(txn, _U64.unpack(found)[0])
+            if data is not None:
+                out.append(self._decode_in(txn, data))
+        return sorted(out, key=lambda m: m.ingested_ns)
 
     def _ensure_roots(self) -> None:
         """Create the fixed entries that are missing: all of them in a new index, the
@@ -304,10 +416,7 @@ class Index:
             txn.put(_ino_key(ROOT_INO), _encode_node(root), db=nodes)
             if txn.get(b"format", db=self._db["meta"]) is None:
                 txn.put(b"format", FORMAT, db=self._db["meta"])
-            earlier = [
-                self._decode_in(txn, v) for _, v in txn.cursor(db=self._db["instances"])
-            ]
-            for manifest in sorted(earlier, key=lambda m: m.ingested_ns):
+            for manifest in self._manifests_in(txn):
                 self._add_views(txn, manifest)
 
     class _WriteTxn:
@@ -380,8 +489,7 @@ class Index:
 
     def manifest(self, key: bytes) -> Manifest | None:
         with self.env.begin() as txn:
-            data = txn.get(key, db=self._db["instances"])
-            return None if data is None else self._decode_in(txn, data)
+            return self._manifest_in(txn, key)
 
     def manifest_bytes(self, key: bytes) -> bytes | None:
         """The manifest as stored at the sites (JSON), from its instance record."""
@@ -393,8 +501,9 @@ class Index:
             return txn.get(key, db=self._db["instances"]) is not None
 
     def find_ino(self, identity: bytes) -> int | None:
+        """The inode of an identity (see ``ids``; b"I\\0" + SOPInstanceUID: a file's)."""
         with self.env.begin() as txn:
-            value = txn.get(identity, db=self._db["ids"])
+            value = self._identity_in(txn, identity)
         return None if value is None else int(_U64.unpack(value)[0])
 
     def study_issuer(self, study_uid: str, patient_id: str) -> str | None:
@@ -444,7 +553,9 @@ class Index:
                 for key, value in cursor:
                     if key == after:
                         continue
-                    batch.append(self._decode_in(txn, value))
+                    data = self._record_in(txn, _U64.unpack(value)[0])
+                    if data is not None:
+                        batch.append(self._decode_in(txn, data))
                     last = bytes(key)
                     if len(batch) >= 512:
                         break
@@ -466,7 +577,7 @@ class Index:
             # A walk of every chunk: only where that is quick (the status file and
             # `animfs status` must not take minutes on a decade's index).
             chunk_bytes = (
-                sum(_CHUNK.unpack(v)[0] for _, v in txn.cursor(db=self._db["chunks"]))
+                sum(_chunk_fields(v)[0] for _, v in txn.cursor(db=self._db["chunks"]))
                 if stat["chunks"] < 100_000
                 else -1
             )
@@ -691,7 +802,7 @@ class Index:
     def _merged(self, txn: lmdb.Transaction, manifest: Manifest) -> Manifest:
         """``manifest`` with its placement agreed with this index (see :meth:`merge`)."""
         inst, p = manifest.instance, manifest.placement
-        ids, nodes = self._db["ids"], self._db["nodes"]
+        nodes = self._db["nodes"]
         levels = [
             (b"P\0" + inst.patient_key.encode(), inst.patient_key),
             (b"S\0" + inst.study_uid.encode(), inst.study_uid),
@@ -702,7 +813,7 @@ class Index:
         inos = [p.patient_ino, p.study_ino, p.series_ino, p.file_ino]
         parent = PATIENTS_INO
         for level, (identity, uid) in enumerate(levels):
-            found = txn.get(identity, db=ids)
+            found = self._identity_in(txn, identity)
             if found is not None:
                 inos[level] = _U64.unpack(found)[0]
                 names[level] = _decode_node(inos[level], txn.get(found, db=nodes)).name.decode()
@@ -718,7 +829,7 @@ class Index:
                         names[level] = self._free_name(txn, parent, names[level], uid)
             parent = inos[level]
         link_ino, link_name = p.link_ino, p.link_name
-        found = txn.get(b"L\0" + inst.study_uid.encode(), db=ids)
+        found = self._identity_in(txn, b"L\0" + inst.study_uid.encode())
         if found is not None:
             link_ino = _U64.unpack(found)[0]
             link_name = _decode_node(link_ino, txn.get(found, db=nodes)).name.decode()
@@ -752,7 +863,7 @@ class Index:
         """The identity (patient key, study, series or SOP instance UID at ``level``
         0..3) of the folder or file ``ino``, from the first instance below it."""
         node = self._first_file(txn, ino)
-        data = None if node is None else txn.get(node.instance, db=self._db["instances"])
+        data = None if node is None else self._record_in(txn, node.ino)
         if data is None:
             return None
         inst = self._decode_in(txn, data).instance
@@ -769,14 +880,15 @@ class Index:
         node = _decode_node(ino, txn.get(_ino_key(ino), db=dbs["nodes"]))
         txn.delete(_dirent_key(node.parent, node.name), db=dbs["dirents"])
         txn.put(_dirent_key(node.parent, new.encode()), _ino_key(ino), db=dbs["dirents"])
-        txn.put(_ino_key(ino), _encode_node(dataclasses.replace(node, name=new.encode())),
-                db=dbs["nodes"])
-        if level == 3:
-            manifest = self._decode_in(txn, txn.get(node.instance, db=dbs["instances"]) or b"")
+        if level == 3:  # a file's name is in its record
+            manifest = self._decode_in(txn, self._record_in(txn, ino) or b"")
             moved = manifest.with_placement(dataclasses.replace(manifest.placement, file_name=new))
             shared = txn.get(_ino_key(node.parent), db=dbs["series"])
-            txn.put(node.instance, record.encode_instance(moved, shared), db=dbs["instances"])
+            data = record.encode_instance(moved, shared)
+            txn.put(_ino_key(ino), _instance_node(data), db=dbs["nodes"])
             return
+        txn.put(_ino_key(ino), _encode_node(dataclasses.replace(node, name=new.encode())),
+                db=dbs["nodes"])
         studies = [ino] if level == 1 else self._children(txn, ino) if level == 0 else []
         series = [ino] if level == 2 else [r for s in studies for r in self._children(txn, s)]
         field = ("patient_name", "study_name", "series_name")[level]
@@ -791,7 +903,7 @@ class Index:
         """Point a study's links (/studies, /by-date, /by-modality) at its current path."""
         dbs = self._db
         node = self._first_file(txn, study)
-        data = None if node is None else txn.get(node.instance, db=dbs["instances"])
+        data = None if node is None else self._record_in(txn, node.ino)
         if data is None:
             return
         uid = self._decode_in(txn, data).instance.study_uid
@@ -845,7 +957,7 @@ class Index:
         taken: set[int] = set()
 
         def place(identity: bytes, parent: int, name: str, uid: str) -> tuple[int, str, bool]:
-            found = txn.get(identity, db=self._db["ids"])
+            found = self._identity_in(txn, identity)
             if found is not None:
                 node = _decode_node(_U64.unpack(found)[0], txn.get(found, db=self._db["nodes"]))
                 if node.parent != parent:
@@ -962,9 +1074,14 @@ class Index:
     ) -> None:
         inst, place = manifest.instance, manifest.placement
         dbs = self._db
-        if txn.get(b"I\0" + inst.sop_uid.encode(), db=dbs["ids"]) is not None:
+        if txn.get(manifest.key, db=dbs["instances"]) is not None:
             raise Conflict(f"SOPInstanceUID {inst.sop_uid} is already in the archive")
         t = manifest.ingested_ns
+        series_key = _ino_key(place.series_ino)
+        shared = txn.get(series_key, db=dbs["series"])
+        if shared is None:
+            shared = record.encode_series(manifest)
+            txn.put(series_key, shared, db=dbs["series"])
         chain = [
             (
                 b"P\0" + inst.patient_key.encode(),
@@ -1004,7 +1121,7 @@ class Index:
         ]
         new_dirs: set[int] = set()
         for identity, parent, ino, name, kind in chain:
-            found = txn.get(identity, db=dbs["ids"])
+            found = self._identity_in(txn, identity)
             if found is not None:
                 if _U64.unpack(found)[0] != ino:
                     raise StalePlan(identity.decode(errors="replace"))
@@ -1015,17 +1132,20 @@ class Index:
                 or txn.get(_dirent_key(parent, name_b), db=dbs["dirents"]) is not None
             ):
                 raise StalePlan(identity.decode(errors="replace"))
+            txn.put(_dirent_key(parent, name_b), _ino_key(ino), db=dbs["dirents"])
+            if kind == FILE:  # its node is its record; its identity, its instance key
+                data = record.encode_instance(manifest, shared)
+                txn.put(_ino_key(ino), _instance_node(data), db=dbs["nodes"])
+                txn.put(manifest.key, _ino_key(ino), db=dbs["instances"])
+                continue
             if kind == DIR:
                 node = Node(ino, DIR, parent, name_b, t, 0)
                 new_dirs.add(ino)
-            elif kind == FILE:
-                node = Node(ino, FILE, parent, name_b, t, manifest.size, instance=manifest.key)
             else:
                 target = f"../patients/{place.patient_name}/{place.study_name}".encode()
                 node = Node(ino, LINK, parent, name_b, t, len(target), target=target)
                 new_dirs.add(ino)  # counts as a new entry of /studies
             txn.put(_ino_key(ino), _encode_node(node), db=dbs["nodes"])
-            txn.put(_dirent_key(parent, name_b), _ino_key(ino), db=dbs["dirents"])
             txn.put(identity, _ino_key(ino), db=dbs["ids"])
         # Every folder above the file: newest-entry mtime, counts and bytes below.
         ancestors = [
@@ -1049,17 +1169,11 @@ class Index:
                 acc[2], acc[3] = acc[2] + int(child in new_dirs), max(acc[3], t)
         self._add_views(txn, manifest)
         self._assign_media(txn, manifest)
-        series_key = _ino_key(place.series_ino)
-        shared = txn.get(series_key, db=dbs["series"])
-        if shared is None:
-            shared = record.encode_series(manifest)
-            txn.put(series_key, shared, db=dbs["series"])
-        txn.put(manifest.key, record.encode_instance(manifest, shared), db=dbs["instances"])
         for ref in manifest.chunks:
             key = bytes.fromhex(ref.id)
             old = txn.get(key, db=dbs["chunks"])
-            refs = _CHUNK.unpack(old)[1] if old is not None else 0
-            txn.put(key, _CHUNK.pack(ref.stored, refs + 1), db=dbs["chunks"])
+            refs = _chunk_fields(old)[1] if old is not None else 0
+            txn.put(key, _chunk_value(ref.stored, refs + 1), db=dbs["chunks"])
         _journal_put(txn, dbs["journal"], missed)
 
     def _add_views(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
@@ -1151,27 +1265,21 @@ class Index:
                 txn.put(_dirent_key(ROOT_INO, b"cd"), _ino_key(CD_INO), db=self._db["dirents"])
                 root = dataclasses.replace(root, subdirs=root.subdirs + 1)
                 txn.put(_ino_key(ROOT_INO), _encode_node(root), db=nodes)
-            earlier = [
-                self._decode_in(txn, v) for _, v in txn.cursor(db=self._db["instances"])
-            ]
-            for manifest in sorted(earlier, key=lambda m: m.ingested_ns):
+            for manifest in self._manifests_in(txn):
                 self._assign_media(txn, manifest)
             txn.put(b"media", b"1", db=self._db["meta"])
 
     def _assign_media(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
-        """Give an instance its file ID on its patient's medium, unless it has one."""
+        """Give a new instance its file ID on its patient's medium (once: only when it
+        is committed, or when an index from before /cd is opened)."""
         db = self._db["media"]
-        key = b"f\0" + manifest.key
-        if txn.get(key, db=db) is not None:
-            return
         p = manifest.placement
         if txn.get(b"i\0" + CD_PATIENT.to_bytes() + _U64.pack(p.patient_ino), db=db) is None:
             for kind in (CD_PATIENT, CD_DICOMDIR, CD_README, CD_DICOM):
                 self._new_cd_ino(txn, kind, p.patient_ino, 0)
-        study = self._media_number(txn, CD_STUDY, p.patient_ino, p.study_ino)
-        series = self._media_number(txn, CD_SERIES, p.study_ino, p.series_ino)
-        image = self._media_number(txn, 0, p.series_ino, p.file_ino)
-        txn.put(key, _MEDIA_FILE.pack(study, series, image), db=db)
+        self._media_number(txn, CD_STUDY, p.patient_ino, p.study_ino)
+        self._media_number(txn, CD_SERIES, p.study_ino, p.series_ino)
+        self._media_number(txn, 0, p.series_ino, p.file_ino)
 
     def _media_number(self, txn: lmdb.Transaction, kind: int, parent: int, child: int) -> int:
         """The number of ``child`` in ``parent`` (given now if it has none); a study and a
@@ -1241,7 +1349,7 @@ class Index:
     def media_manifests(self, patient: int) -> list[tuple[int, int, int, bytes]]:
         """(study, series, image number, manifest JSON) of every instance of a patient
         folder, in file ID order, read in one transaction."""
-        db, nodes, instances = self._db["media"], self._db["nodes"], self._db["instances"]
+        db = self._db["media"]
         out: list[tuple[int, int, int, bytes]] = []
         with self.env.begin() as txn:
             cursor = txn.cursor(db=db)
@@ -1260,8 +1368,7 @@ class Index:
             for study, study_ino in numbered(patient):
                 for series, series_ino in numbered(study_ino):
                     for image, file_ino in numbered(series_ino):
-                        node = _decode_node(file_ino, txn.get(_ino_key(file_ino), db=nodes))
-                        data = txn.get(node.instance, db=instances)
+                        data = self._record_in(txn, file_ino)
                         if data is not None:
                             json_ = self._decode_in(txn, data).to_bytes()
                             out.append((study, series, image, json_))
@@ -1349,12 +1456,16 @@ def check(index: Index, limit: int = 100) -> list[str]:
     dbs = index._db
     with index.env.begin() as txn:
         nodes: dict[int, Node] = {}
+        records: dict[int, bytes] = {}  # instance files' records
         for key, value in txn.cursor(db=dbs["nodes"]):
             ino = _U64.unpack(key)[0]
             try:
                 nodes[ino] = _decode_node(ino, bytes(value))
-            except (struct.error, AssertionError) as exc:
+            except (struct.error, AssertionError, ValueError) as exc:
                 bad(f"inode {ino}: unreadable node record ({exc})")
+                continue
+            if value[0] == INSTANCE:
+                records[ino] = bytes(value[1:])
 
         def path(ino: int) -> str:
             parts: list[str] = []
@@ -1400,30 +1511,34 @@ def check(index: Index, limit: int = 100) -> list[str]:
             elif ino in identified:
                 bad(f"{path(ino)}: has two identities, {identified[ino]!r} and {identity!r}")
             identified[ino] = identity
+        instance_files: dict[bytes, int] = {}  # instance key -> file inode
+        for key, value in txn.cursor(db=dbs["instances"]):
+            ino = _U64.unpack(value)[0]
+            what = f"instance {bytes(key).hex()[:16]}"
+            if ino not in records:
+                bad(f"{what}: names inode {ino}, which is not an instance file")
+            elif ino in identified:
+                bad(f"{path(ino)}: has two identities, {identified[ino]!r} and {what}")
+            else:
+                identified[ino] = bytes(key)
+                instance_files[bytes(key)] = ino
         for ino in nodes:
             if ino >= FIRST_DYNAMIC_INO and ino not in identified:
                 bad(f"{path(ino)}: inode {ino} has no identity")
 
         # Instances: file <-> instance record <-> placement <-> chunk references.
-        files: dict[bytes, int] = {}
-        for ino, node in nodes.items():
-            if node.kind == FILE and ino >= FIRST_DYNAMIC_INO:
-                files[node.instance] = ino
         uses: dict[str, int] = {}
         stored: dict[str, int] = {}
-        for key, value in txn.cursor(db=dbs["instances"]):
+        for key, ino in instance_files.items():
             try:
-                manifest = index._decode_in(txn, value)
+                manifest = index._decode_in(txn, records[ino])
             except ValueError as exc:
-                bad(f"instance record {bytes(key).hex()[:16]}: {exc}")
+                bad(f"{path(ino)}: its instance record does not decode: {exc}")
                 continue
             what = f"instance {manifest.instance.sop_uid}"
             p = manifest.placement
-            if manifest.key != bytes(key):
+            if manifest.key != key:
                 bad(f"{what}: recorded under the key of another SOPInstanceUID")
-            ino = files.pop(bytes(key), None)
-            if ino is None:
-                bad(f"{what}: recorded, but no file shows it")
             elif ino != p.file_ino:
                 bad(f"{what}: placed at inode {p.file_ino}, shown as {path(ino)} (inode {ino})")
             else:
@@ -1438,22 +1553,20 @@ def check(index: Index, limit: int = 100) -> list[str]:
                     if node is None or (node.parent, node.name) != (parent, leaf.encode()):
                         bad(f"{what}: {path(node_ino)} is not where its placement puts it")
                         break
-                if nodes[ino].size != manifest.size:
-                    bad(f"{what}: {path(ino)} shows {nodes[ino].size} bytes of {manifest.size}")
-            if txn.get(b"I\0" + manifest.instance.sop_uid.encode(), db=dbs["ids"]) != _ino_key(
-                p.file_ino
-            ):
-                bad(f"{what}: its identity does not name inode {p.file_ino}")
             if sum(ref.size for ref in manifest.chunks) != manifest.size:
                 bad(f"{what}: its chunks do not add up to its {manifest.size} bytes")
             for ref in manifest.chunks:
                 uses[ref.id] = uses.get(ref.id, 0) + 1
                 stored[ref.id] = ref.stored
-        for ino in files.values():
-            bad(f"{path(ino)}: a file without an instance record (half-listed)")
+        for ino in records.keys() - instance_files.values():
+            bad(f"{path(ino)}: a file no instance key names (half-listed)")
         for key, value in txn.cursor(db=dbs["chunks"]):
             chunk = bytes(key).hex()
-            size, refs = _CHUNK.unpack(value)
+            try:
+                size, refs = _chunk_fields(value)
+            except ValueError:
+                bad(f"chunk {chunk[:16]}: unreadable value")
+                continue
             used = uses.pop(chunk, 0)
             if refs != used:
                 bad(f"chunk {chunk[:16]}: {refs} references recorded, {used} instances use it")

@@ -254,6 +254,33 @@ def encode_instance(manifest: Manifest, series: bytes | memoryview | None = None
     return bytes(out)
 
 
+def peek(data: bytes | memoryview) -> tuple[int, int, int, int, str, str]:
+    """(file inode, series inode, ingested_ns, size, file name, SOPInstanceUID) of an
+    instance record, compact or JSON, without its series record: what a file's
+    attributes and listing need.  Raises ValueError (:class:`RecordError`)."""
+    if data and data[0] == ord("{"):
+        m = Manifest.from_bytes(bytes(data))
+        p = m.placement
+        return p.file_ino, p.series_ino, m.ingested_ns, m.size, p.file_name, m.instance.sop_uid
+    if not data or data[0] != TAG or len(data) < _HEAD.size:
+        raise RecordError("unknown instance record")
+    _tag, flags, series_ino, file_ino, ingested_ns = _HEAD.unpack_from(data)
+    reader = _Reader(data, _HEAD.size)
+    size = reader.varint()
+    sop_uid = reader.str()
+    number = None if flags & NO_NUMBER else reader.opt_int()
+    if flags & NAMED:
+        reader.pos += 32
+        for _ in range(reader.varint()):
+            reader.pos += 32
+            reader.varint()
+            reader.varint()
+        name = reader.str()
+    else:
+        name = safe_name(f"{number or 0:05d}_{sop_uid}.dcm")
+    return file_ino, series_ino, ingested_ns, size, name, sop_uid
+
+
 def series_ino_of(data: bytes | memoryview) -> int | None:
     """The series inode an instance record refers to; None for a JSON record."""
     if not data or data[0] != TAG:

@@ -67,6 +67,17 @@ def test_round_trip_against_own_and_other_series_record(m: Manifest, other: Mani
     assert record.decode(data, lambda ino: base) == m
 
 
+@settings(max_examples=300, deadline=None)
+@given(manifests())
+def test_peek_reads_what_decode_reads(m: Manifest) -> None:
+    data = record.encode_instance(m)  # compact, or JSON where it does not fit
+    p = m.placement
+    assert record.peek(data) == (
+        p.file_ino, p.series_ino, m.ingested_ns, m.size, p.file_name, m.instance.sop_uid
+    )
+    assert record.peek(m.to_bytes())[4] == p.file_name
+
+
 def test_typical_record_is_small() -> None:
     for seed in range(1, 6):
         m = next(gen_index.instances(1, seed=seed, start_ns=10**18))
