@@ -3,21 +3,29 @@
 Schema (one LMDB environment, named sub-databases; integers big-endian in keys
 so that keys sort numerically, little-endian in values):
 
-``nodes``      inode (u64 BE) -> node record, see :func:`_encode_node`:
-                 an instance file: 4 (u8) | its instance record (:mod:`animfs.record`,
-                   format 2, ~150 bytes: series inode (its parent), file inode, ingested_ns
-                   (its mtime), size, SOPInstanceUID, checksum, chunk list, what differs
-                   from its series; its file name only where that is not the default
-                   ``<InstanceNumber:05d>_<SOPInstanceUID>.dcm``), or in an index
-                   upgraded from format 1 possibly the manifest JSON (first byte ``{``).
-                   Either decodes to a manifest byte-identical to ``manifests/<key hex>``
-                   at the sites, or with a key to what ``manifests/<keyed name>`` opens to.
-                 any other node: kind u8 | parent u64 | mtime_ns i64 | size u64 |
-                   name_len u16 | name, then by kind:
+``nodes``      inode (u64 BE) -> node record:
+                 an instance file: 5 (u8) | its series folder's inode (u64 BE): the
+                   file itself is an entry of that folder's listing in ``files``
+                 any other node (see :func:`_encode_node`): kind u8 | parent u64 |
+                   mtime_ns i64 | size u64 | name_len u16 | name, then by kind:
                    dir (1):  subdirs u64 | files below u64 | bytes below u64
                    file (2): nothing (the fixed /.animfs/status)
                    link (3): target (the rest)
-``dirents``    parent inode (u64 BE) + name bytes -> child inode (u64 BE).
+``files``      series folder inode (u64 BE) -> the listing of its instance files
+               (:mod:`animfs.listing`): one value per series with, for each file in
+               name order, its /cd image number and its instance record
+               (:mod:`animfs.record`, format 2, ~150 bytes: series inode (its parent),
+               file inode, ingested_ns (its mtime), size, SOPInstanceUID, checksum, chunk
+               list, what differs from its series; its file name only where that is not
+               the default ``<InstanceNumber:05d>_<SOPInstanceUID>.dcm``; in an index
+               upgraded from format 1 possibly the manifest JSON, first byte ``{``).
+               A record decodes to a manifest byte-identical to ``manifests/<key hex>``
+               at the sites, or with a key to what ``manifests/<keyed name>`` opens to.
+               A series is listed with one read; a file is found in it by name or
+               inode with a binary search.  A write transaction rewrites a listing
+               once, as it commits (:class:`Index._WriteTxn`).
+``dirents``    parent inode (u64 BE) + name bytes -> child inode (u64 BE), for every
+               node but instance files (which are in ``files``).
                Sorted by name within a folder: a listing is one cursor walk.
 ``ids``        identity -> inode (u64 BE).  Identities:
                  b"P\\0" issuer "-" PatientID   patient folder
@@ -29,8 +37,8 @@ so that keys sort numerically, little-endian in values):
                  b"O\\0" MOD | MOD/YYYY | MOD/YYYY/MM  folders under /by-modality
                  b"M\\0" MOD "\\0" StudyInstanceUID  symlink under /by-modality/MOD/YYYY/MM
 ``instances``  instance key (sha256 of SOPInstanceUID, 32 bytes) -> the instance's file
-               inode (u64 BE), whose ``nodes`` entry holds its record.  An instance file's
-               identity (SOPInstanceUID) is found here, not in ``ids``.
+               inode (u64 BE).  An instance file's identity (SOPInstanceUID) is found
+               here, not in ``ids``.
 ``series``     series inode (u64 BE) -> the series record (:mod:`animfs.record`): the
                tags, institution, folder names and inodes its instances share.
 ``chunks``     chunk id (32 raw bytes) -> stored size varint | references varint
@@ -46,8 +54,9 @@ so that keys sort numerically, little-endian in values):
 ``media``      the /cd tree, one DICOM medium per patient (:mod:`animfs.media`); numbers
                are given once, when an instance is committed, in commit order:
                  b"e\0" + folder inode (u64 BE) + number (u32 BE) -> inode (u64 BE) of the
-                   study, series or instance with that number in that patient, study or series:
-                   an instance's file ID is DICOM/ST<study>/SE<series>/IM<image> (6 digits each)
+                   study or series with that number in that patient or study (an instance's
+                   number in its series is in the series' listing, see ``files``): its file
+                   ID is DICOM/ST<study>/SE<series>/IM<image> (6 digits each)
                  b"n\0" + folder inode (u64 BE) -> the last number given in it (u32 BE)
                  b"c\0" + cd inode (u64 BE) -> kind (1 byte) | inode (u64 BE) | number (u32 BE):
                    an entry of /cd: P /cd/<patient>, M its DICOMDIR, T its README.TXT, D its
@@ -55,9 +64,10 @@ so that keys sort numerically, little-endian in values):
                    (inode: that folder's under /patients)
                  b"i\0" + kind + inode (u64 BE) -> cd inode (u64 BE) | number (u32 BE): the
                    reverse of b"c"
-``meta``       b"format" -> b"3".  An index of format 2 (instance records in ``instances``,
-                 files' nodes with their name and instance key, b"I\\0" identities in
-                 ``ids``, b"f\\0" file IDs in ``media``) or 1 (the same, records in JSON) is
+``meta``       b"format" -> b"4".  An index of format 2 (a node and a name entry per file,
+                 instance records in ``instances``, b"I\\0" identities in ``ids``, b"f\\0"
+                 file IDs and image numbers in ``media``), 1 (the same, records in JSON) or
+                 3 (records in the files' nodes; only ever on a development branch) is
                  upgraded in place when opened, in one transaction, with a log line
                  (:meth:`Index._upgrade`); chunk values keep their old form until rewritten.
                b"sync\0" + host -> JSON {"after", "seen"}: how far ``animfs sync`` has
@@ -96,6 +106,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -108,14 +119,15 @@ from typing import Any
 
 import lmdb
 
-from animfs import record
+from animfs import listing, record
 from animfs.access import IN_ORDER, BreakGlass, Consent, PatientState
 from animfs.dicom import safe_name, unique_name
 from animfs.manifest import Manifest, Placement, instance_key
 from animfs.store.dual import Missed
 
 DIR, FILE, LINK = 1, 2, 3
-INSTANCE = 4  # stored kind of an instance file's node: its record follows (a FILE)
+INSTANCE = 4  # stored kind of an instance file's node in format 3: its record follows
+IN_SERIES = 5  # stored kind of an instance file's node: its series inode follows
 
 ROOT_INO = 1
 PATIENTS_INO = 2
@@ -159,11 +171,12 @@ _DBS = (
     "break_glass",
     "media",
     "series",
+    "files",
 )
 _U32 = struct.Struct(">I")
 _STATE = b"state\0"  # meta: access state changed, not yet at the sites
-FORMAT = b"3"  # see the schema above and animfs.record
-UPGRADABLE_FORMATS = (b"1", b"2")
+FORMAT = b"4"  # see the schema above, animfs.listing and animfs.record
+UPGRADABLE_FORMATS = (b"1", b"2", b"3")
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +218,7 @@ class Node:
 
 def _encode_node(n: Node) -> bytes:
     """The node value of a folder, a link or a fixed file (an instance file's is
-    :func:`_instance_node`)."""
+    :meth:`Index._node_in`)."""
     assert not n.instance, "an instance file's node is its record"
     head = _HEAD.pack(n.kind, n.parent, n.mtime_ns, n.size, len(n.name)) + n.name
     if n.kind == DIR:
@@ -213,17 +226,20 @@ def _encode_node(n: Node) -> bytes:
     return head + n.target
 
 
-def _instance_node(record_: bytes | memoryview) -> bytes:
-    """The node value of an instance file whose instance record is ``record_``."""
-    return bytes([INSTANCE]) + bytes(record_)
+def _in_series(series: int) -> bytes:
+    """The node value of an instance file of the series folder ``series``."""
+    return bytes([IN_SERIES]) + _U64.pack(series)
+
+
+def _file_node(series: int, entry: listing.Entry) -> Node:
+    return Node(entry.ino, FILE, series, entry.name, entry.mtime_ns, entry.size,
+                instance=instance_key(entry.sop_uid))
 
 
 def _decode_node(ino: int, data: bytes | memoryview | None) -> Node:
+    """A folder, link or fixed file node (an instance file's is :meth:`Index._node_in`'s)."""
     assert data is not None, f"inode {ino}: node record missing"
-    if data[0] == INSTANCE:
-        _ino, parent, mtime_ns, size, file_name, sop_uid = record.peek(data[1:])
-        return Node(ino, FILE, parent, file_name.encode(), mtime_ns, size,
-                    instance=instance_key(sop_uid))
+    assert data[0] not in (INSTANCE, IN_SERIES), f"inode {ino}: an instance file"
     kind, parent, mtime_ns, size, name_len = _HEAD.unpack_from(data)
     start = _HEAD.size
     name = bytes(data[start : start + name_len])
@@ -297,6 +313,8 @@ class Index:
         except lmdb.Error as exc:
             raise IndexError_(f"{path}: cannot open the index: {exc}") from exc
         self.path = path
+        self._staged_txn: lmdb.Transaction | None = None  # see _WriteTxn
+        self._staged: dict[int, listing.Listing] = {}
         with self.env.begin(write=True) as txn:
             self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in _DBS}
         self._check_format()
@@ -321,11 +339,17 @@ class Index:
         self._upgrade()
 
     def _upgrade(self) -> None:
-        """Bring a format-1 or format-2 index to format 3, in one transaction: each
-        instance record moves from ``instances`` into its file's node (which held the
-        file's name and instance key), ``instances`` keeps the file's inode, and the
-        b"I\\0" identities and b"f\\0" file IDs go (the first repeated the instance
-        key, the second the b"e\\0" numbers)."""
+        """Bring an index of format 1, 2 or 3 to format 4, in one transaction.
+
+        Folder by folder (a walk of ``dirents``), the instance files of a series
+        folder become its listing in ``files``: each file's record (format 1 and 2:
+        in ``instances``; 3: in its node), with its image number (from the
+        b"e\\0" numbers, which go, with the series' b"n\\0" counter), and its name,
+        which its dirent (gone too) gives.  A file's node becomes the inode of its
+        series, ``instances`` maps its instance key to its inode, and what repeated
+        the instance key (b"I\\0" identities, b"f\\0" file IDs) goes.  One series is
+        held in memory at a time.
+        """
         start = time.monotonic()
         dbs = self._db
         moved = 0
@@ -333,29 +357,65 @@ class Index:
             found = txn.get(b"format", db=dbs["meta"])
             if found is None or bytes(found) == FORMAT:
                 return  # another process upgraded it meanwhile
-            cursor = txn.cursor(db=dbs["instances"])
+            cursor = txn.cursor(db=dbs["dirents"])
             go = cursor.first()
             while go:
-                key, data = bytes(cursor.key()), bytes(cursor.value())
-                file_ino, _series, _t, _size, name, sop_uid = record.peek(data)
-                old = _decode_node(file_ino, txn.get(_ino_key(file_ino), db=dbs["nodes"]))
-                if old.name.decode() != name:  # never seen; the node's name is the truth
-                    manifest = self._decode_in(txn, data)
-                    place = dataclasses.replace(manifest.placement, file_name=old.name.decode())
-                    shared = txn.get(_ino_key(old.parent), db=dbs["series"])
-                    renamed = manifest.with_placement(place)
-                    data = (renamed.to_bytes() if shared is None
-                            else record.encode_instance(renamed, shared))
-                txn.put(_ino_key(file_ino), _instance_node(data), db=dbs["nodes"])
-                txn.delete(b"I\0" + sop_uid.encode(), db=dbs["ids"])
-                txn.delete(b"f\0" + key, db=dbs["media"])
-                cursor.put(key, _ino_key(file_ino))
-                moved += 1
-                go = cursor.next()
+                prefix = bytes(cursor.key())[:8]
+                group = []
+                while go and bytes(cursor.key()).startswith(prefix):
+                    group.append((bytes(cursor.key()), _U64.unpack(cursor.value())[0]))
+                    go = cursor.next()
+                resume = bytes(cursor.key()) if go else None
+                moved += self._upgrade_folder(txn, _U64.unpack(prefix)[0], group)
+                go = resume is not None and cursor.set_range(resume)
             txn.put(b"format", FORMAT, db=dbs["meta"])
         log.info("%s: index upgraded from format %s to %s (%d instances) in %.1f s",
                  self.path, bytes(found).decode(), FORMAT.decode(), moved,
                  time.monotonic() - start)
+
+    def _upgrade_folder(
+        self, txn: lmdb.Transaction, folder: int, group: list[tuple[bytes, int]]
+    ) -> int:
+        """Move the instance files among a folder's entries (dirent key, inode) into
+        its listing (see :meth:`_upgrade`); returns how many there were."""
+        dbs = self._db
+        files = listing.Listing()
+        numbers = {
+            _U64.unpack(value)[0]: _U32.unpack(key[-4:])[0]
+            for key, value in _prefixed(txn, dbs["media"], b"e\0" + _U64.pack(folder))
+        }
+        for dirent, ino in group:
+            data = txn.get(_ino_key(ino), db=dbs["nodes"])
+            if data is None or ino < FIRST_DYNAMIC_INO:
+                continue
+            if data[0] == INSTANCE:  # format 3
+                rec = bytes(data[1:])
+            elif data[0] == FILE:  # format 1 or 2: the tail is the instance key
+                rec = bytes(txn.get(bytes(data[-32:]), db=dbs["instances"]) or b"")
+            else:
+                continue
+            name = dirent[8:]
+            _ino, _series, _t, _size, rec_name, sop_uid = record.peek(rec)
+            if rec_name.encode() != name:  # never seen: the name entry is the truth
+                manifest = self._decode_in(txn, rec)
+                renamed = manifest.with_placement(
+                    dataclasses.replace(manifest.placement, file_name=name.decode()))
+                shared = txn.get(_ino_key(folder), db=dbs["series"])
+                rec = (renamed.to_bytes() if shared is None
+                       else record.encode_instance(renamed, shared))
+            files.put(listing.entry_of(numbers.get(ino, 0), rec))
+            key = instance_key(sop_uid)
+            txn.put(_ino_key(ino), _in_series(folder), db=dbs["nodes"])
+            txn.put(key, _ino_key(ino), db=dbs["instances"])
+            txn.delete(dirent, db=dbs["dirents"])
+            txn.delete(b"I\0" + sop_uid.encode(), db=dbs["ids"])
+            txn.delete(b"f\0" + key, db=dbs["media"])
+        if len(files):
+            for number in numbers.values():
+                txn.delete(b"e\0" + _U64.pack(folder) + _U32.pack(number), db=dbs["media"])
+            txn.delete(b"n\0" + _U64.pack(folder), db=dbs["media"])
+            txn.put(_ino_key(folder), files.encode(), db=dbs["files"])
+        return len(files)
 
     def _decode_in(self, txn: lmdb.Transaction, data: bytes | memoryview) -> Manifest:
         """The manifest of an instance record (compact or JSON), read in ``txn``."""
@@ -371,10 +431,66 @@ class Index:
             found = txn.get(identity, db=self._db["ids"])
         return None if found is None else bytes(found)
 
+    # -- series listings (animfs.listing) ---------------------------------------------
+
+    def _files_in(
+        self, txn: lmdb.Transaction, series: int
+    ) -> listing.View | listing.Listing | None:
+        """The files of the series folder ``series`` as ``txn`` sees them; None if it
+        has none (or is not a series folder)."""
+        if txn is self._staged_txn and series in self._staged:
+            return self._staged[series]
+        data = txn.get(_ino_key(series), db=self._db["files"])
+        return None if data is None else listing.View(data)
+
+    def _staging(self, txn: lmdb.Transaction, series: int) -> listing.Listing:
+        """The files of the series folder ``series``, for the write transaction ``txn``
+        to change (written when it commits, see :class:`_WriteTxn`)."""
+        assert txn is self._staged_txn, "series listings change in a write transaction"
+        files = self._staged.get(series)
+        if files is None:
+            files = listing.Listing.load(txn.get(_ino_key(series), db=self._db["files"]))
+            self._staged[series] = files
+        return files
+
+    def _entry_in(self, txn: lmdb.Transaction, ino: int) -> tuple[int, listing.Entry] | None:
+        """(series inode, listing entry) of the instance file ``ino``, or None."""
+        data = txn.get(_ino_key(ino), db=self._db["nodes"])
+        if data is None or data[0] != IN_SERIES:
+            return None
+        series = _U64.unpack_from(data, 1)[0]
+        files = self._files_in(txn, series)
+        entry = None if files is None else files.by_ino(ino)
+        return None if entry is None else (series, entry)
+
+    def _node_in(self, txn: lmdb.Transaction, ino: int) -> Node | None:
+        data = txn.get(_ino_key(ino), db=self._db["nodes"])
+        if data is None:
+            return None
+        if data[0] != IN_SERIES:
+            return _decode_node(ino, data)
+        found = self._entry_in(txn, ino)
+        return None if found is None else _file_node(*found)
+
+    def _node_at(self, txn: lmdb.Transaction, ino: int) -> Node:
+        """The node ``ino``, which must exist."""
+        node = self._node_in(txn, ino)
+        assert node is not None, f"inode {ino}: node record missing"
+        return node
+
+    def _child_in(self, txn: lmdb.Transaction, parent: int, name: bytes) -> int | None:
+        """The inode named ``name`` in folder ``parent``, or None."""
+        files = self._files_in(txn, parent)
+        if files is not None:
+            entry = files.find(name)
+            return None if entry is None else entry.ino
+        found = txn.get(_dirent_key(parent, name), db=self._db["dirents"])
+        return None if found is None else int(_U64.unpack(found)[0])
+
     def _record_in(self, txn: lmdb.Transaction, file_ino: int) -> bytes | None:
         """The instance record of the file ``file_ino``, or None (not an instance file)."""
-        data = txn.get(_ino_key(file_ino), db=self._db["nodes"])
-        return None if data is None or data[0] != INSTANCE else bytes(data[1:])
+        found = self._entry_in(txn, file_ino)
+        return None if found is None else found[1].record
 
     def _manifest_in(self, txn: lmdb.Transaction, key: bytes) -> Manifest | None:
         """The manifest of the instance with instance key ``key``, or None."""
@@ -384,11 +500,11 @@ class Index:
 
     def _manifests_in(self, txn: lmdb.Transaction) -> list[Manifest]:
         """Every instance's manifest, in ingest order (to number or link them again)."""
-        out = []
-        for _key, found in txn.cursor(db=self._db["instances"]):
-            data = self._record_in(txn, _U64.unpack(found)[0])
-            if data is not None:
-                out.append(self._decode_in(txn, data))
+        out = [
+            self._decode_in(txn, entry.record)
+            for _key, data in txn.cursor(db=self._db["files"])
+            for entry in listing.View(data)
+        ]
         return sorted(out, key=lambda m: m.ingested_ns)
 
     def _ensure_roots(self) -> None:
@@ -420,16 +536,35 @@ class Index:
                 self._add_views(txn, manifest)
 
     class _WriteTxn:
-        """A write transaction whose LMDB errors become IndexFull / IndexError_."""
+        """A write transaction whose LMDB errors become IndexFull / IndexError_.
+
+        The series listings it changes are kept decoded (``Index._staged``) and
+        written once each, as it commits: a group of files added to a series of
+        thousands rewrites its listing once, not once per file.  LMDB lets one
+        write transaction run at a time, so there is one such set of listings;
+        reads in other transactions meanwhile see the listings as committed.
+        """
 
         def __init__(self, index: Index) -> None:
             self.index = index
 
         def __enter__(self) -> lmdb.Transaction:
             self.txn = self.index.env.begin(write=True)
+            self.index._staged_txn, self.index._staged = self.txn, {}
             return self.txn
 
         def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+            staged = self.index._staged
+            self.index._staged_txn, self.index._staged = None, {}
+            if exc_type is None:
+                try:
+                    for series, files in staged.items():
+                        self.txn.put(_ino_key(series), files.encode(), db=self.index._db["files"])
+                except BaseException as put_exc:
+                    exc_type, exc = type(put_exc), put_exc
+                    if not isinstance(put_exc, lmdb.Error):
+                        self.txn.abort()
+                        raise
             if exc_type is not None:
                 self.txn.abort()
                 if isinstance(exc, lmdb.MapFullError):
@@ -451,44 +586,49 @@ class Index:
 
     # -- reads: each opens and closes its own transaction --------------------------------
 
+    # Reads that may meet a series listing map it without copying it (buffers=True):
+    # a file's lookup or attributes touch a few pages of a listing of thousands.
+
     def node(self, ino: int) -> Node | None:
-        with self.env.begin() as txn:
-            data = txn.get(_ino_key(ino), db=self._db["nodes"])
-            return None if data is None else _decode_node(ino, data)
+        with self.env.begin(buffers=True) as txn:
+            return self._node_in(txn, ino)
 
     def lookup(self, parent: int, name: bytes) -> Node | None:
-        with self.env.begin() as txn:
+        with self.env.begin(buffers=True) as txn:
+            files = self._files_in(txn, parent)
+            if files is not None:
+                entry = files.find(name)
+                return None if entry is None else _file_node(parent, entry)
             child = txn.get(_dirent_key(parent, name), db=self._db["dirents"])
-            if child is None:
-                return None
-            ino = _U64.unpack(child)[0]
-            data = txn.get(child, db=self._db["nodes"])
-            return None if data is None else _decode_node(ino, data)
+            return None if child is None else self._node_in(txn, _U64.unpack(child)[0])
 
     def entries(self, parent: int, after: bytes | None, limit: int) -> list[Node]:
         """Up to ``limit`` children of ``parent`` in name order, starting after ``after``."""
         prefix = _U64.pack(parent)
         out: list[Node] = []
-        with self.env.begin() as txn:
+        with self.env.begin(buffers=True) as txn:
+            files = self._files_in(txn, parent)
+            if files is not None:
+                return [_file_node(parent, e) for e in itertools.islice(files.after(after), limit)]
             cursor = txn.cursor(db=self._db["dirents"])
             start = prefix + (after or b"")
             if not cursor.set_range(start):
                 return out
-            nodes = self._db["nodes"]
-            for key, child in cursor:
+            for raw_key, child in cursor:
+                key = bytes(raw_key)
                 if not key.startswith(prefix):
                     break
                 if after is not None and key == start:
                     continue
-                data = txn.get(child, db=nodes)
-                if data is not None:
-                    out.append(_decode_node(_U64.unpack(child)[0], data))
+                node = self._node_in(txn, _U64.unpack(child)[0])
+                if node is not None:
+                    out.append(node)
                 if len(out) >= limit:
                     break
         return out
 
     def manifest(self, key: bytes) -> Manifest | None:
-        with self.env.begin() as txn:
+        with self.env.begin(buffers=True) as txn:
             return self._manifest_in(txn, key)
 
     def manifest_bytes(self, key: bytes) -> bytes | None:
@@ -525,10 +665,9 @@ class Index:
         parts = []
         with self.env.begin() as txn:
             while ino != ROOT_INO:
-                data = txn.get(_ino_key(ino), db=self._db["nodes"])
-                if data is None:
+                node = self._node_in(txn, ino)
+                if node is None:
                     break
-                node = _decode_node(ino, data)
                 parts.append(node.name.decode("utf-8", "surrogateescape"))
                 ino = node.parent
         return "/" + "/".join(reversed(parts))
@@ -538,31 +677,26 @@ class Index:
             return txn.get(bytes.fromhex(chunk_id), db=self._db["chunks"]) is not None
 
     def manifests(self) -> Iterator[bytes]:
-        """Every manifest as JSON (as at the sites), in instance-key order."""
+        """Every manifest as JSON (as at the sites), series by series."""
         for manifest in self.all_manifests():
             yield manifest.to_bytes()
     def all_manifests(self) -> Iterator[Manifest]:
-        """Every manifest, in instance-key order (a fresh transaction per batch)."""
-        after = b""
+        """Every manifest, series by series (a fresh transaction per batch of series)."""
+        after: bytes | None = None
         while True:
             batch: list[Manifest] = []
             with self.env.begin() as txn:
-                cursor = txn.cursor(db=self._db["instances"])
-                if not cursor.set_range(after):
-                    return
-                for key, value in cursor:
-                    if key == after:
-                        continue
-                    data = self._record_in(txn, _U64.unpack(value)[0])
-                    if data is not None:
-                        batch.append(self._decode_in(txn, data))
-                    last = bytes(key)
-                    if len(batch) >= 512:
-                        break
+                cursor = txn.cursor(db=self._db["files"])
+                found = cursor.first() if after is None else cursor.set_range(after)
+                if found and after is not None and cursor.key() == after:
+                    found = cursor.next()
+                while found and len(batch) < 512:
+                    after = bytes(cursor.key())
+                    batch += [self._decode_in(txn, e.record) for e in listing.View(cursor.value())]
+                    found = cursor.next()
             if not batch:
                 return
             yield from batch
-            after = last
 
     def chunk_ids(self) -> set[str]:
         with self.env.begin() as txn:
@@ -802,7 +936,6 @@ class Index:
     def _merged(self, txn: lmdb.Transaction, manifest: Manifest) -> Manifest:
         """``manifest`` with its placement agreed with this index (see :meth:`merge`)."""
         inst, p = manifest.instance, manifest.placement
-        nodes = self._db["nodes"]
         levels = [
             (b"P\0" + inst.patient_key.encode(), inst.patient_key),
             (b"S\0" + inst.study_uid.encode(), inst.study_uid),
@@ -816,11 +949,10 @@ class Index:
             found = self._identity_in(txn, identity)
             if found is not None:
                 inos[level] = _U64.unpack(found)[0]
-                names[level] = _decode_node(inos[level], txn.get(found, db=nodes)).name.decode()
+                names[level] = self._node_at(txn, inos[level]).name.decode()
             else:
-                taken = txn.get(_dirent_key(parent, names[level].encode()), db=self._db["dirents"])
-                if taken is not None:
-                    occupant = _U64.unpack(taken)[0]
+                occupant = self._child_in(txn, parent, names[level].encode())
+                if occupant is not None:
                     other = self._uid_below(txn, occupant, level)
                     if other is not None and uid < other:
                         new = self._free_name(txn, parent, names[level], other)
@@ -832,7 +964,7 @@ class Index:
         found = self._identity_in(txn, b"L\0" + inst.study_uid.encode())
         if found is not None:
             link_ino = _U64.unpack(found)[0]
-            link_name = _decode_node(link_ino, txn.get(found, db=nodes)).name.decode()
+            link_name = self._node_at(txn, link_ino).name.decode()
         return manifest.with_placement(
             Placement(
                 names[0], names[1], names[2], names[3], inos[0], inos[1], inos[2], inos[3],
@@ -844,19 +976,22 @@ class Index:
         """The first of ``name``'s de-duplicated forms for ``uid`` that is free in ``parent``."""
         for n in range(100):
             candidate = unique_name(name, uid if n == 0 else f"{uid}\0{n}")
-            if txn.get(_dirent_key(parent, candidate.encode()), db=self._db["dirents"]) is None:
+            if self._child_in(txn, parent, candidate.encode()) is None:
                 return candidate
         raise IndexError_(f"no free name for {name!r} in folder {parent}")
 
     def _first_file(self, txn: lmdb.Transaction, ino: int) -> Node | None:
-        node = _decode_node(ino, txn.get(_ino_key(ino), db=self._db["nodes"]))
+        node = self._node_at(txn, ino)
         cursor = txn.cursor(db=self._db["dirents"])
         while node.kind == DIR:
+            files = self._files_in(txn, node.ino)
+            if files is not None:
+                first = next(iter(files), None)
+                return None if first is None else _file_node(node.ino, first)
             prefix = _U64.pack(node.ino)
             if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
                 return None
-            child = _U64.unpack(cursor.value())[0]
-            node = _decode_node(child, txn.get(cursor.value(), db=self._db["nodes"]))
+            node = self._node_at(txn, _U64.unpack(cursor.value())[0])
         return node if node.kind == FILE else None
 
     def _uid_below(self, txn: lmdb.Transaction, ino: int, level: int) -> str | None:
@@ -877,16 +1012,18 @@ class Index:
         ``new``, with everything that repeats the name: series records, instance
         records, and the study links under /studies and the views."""
         dbs = self._db
-        node = _decode_node(ino, txn.get(_ino_key(ino), db=dbs["nodes"]))
-        txn.delete(_dirent_key(node.parent, node.name), db=dbs["dirents"])
-        txn.put(_dirent_key(node.parent, new.encode()), _ino_key(ino), db=dbs["dirents"])
-        if level == 3:  # a file's name is in its record
-            manifest = self._decode_in(txn, self._record_in(txn, ino) or b"")
+        node = self._node_at(txn, ino)
+        if level == 3:  # a file's name is in its record, in its series' listing
+            files = self._staging(txn, node.parent)
+            entry = files.by_ino(ino)
+            assert entry is not None, f"inode {ino}: not in its series' listing"
+            manifest = self._decode_in(txn, entry.record)
             moved = manifest.with_placement(dataclasses.replace(manifest.placement, file_name=new))
             shared = txn.get(_ino_key(node.parent), db=dbs["series"])
-            data = record.encode_instance(moved, shared)
-            txn.put(_ino_key(ino), _instance_node(data), db=dbs["nodes"])
+            files.put(listing.entry_of(entry.image, record.encode_instance(moved, shared)))
             return
+        txn.delete(_dirent_key(node.parent, node.name), db=dbs["dirents"])
+        txn.put(_dirent_key(node.parent, new.encode()), _ino_key(ino), db=dbs["dirents"])
         txn.put(_ino_key(ino), _encode_node(dataclasses.replace(node, name=new.encode())),
                 db=dbs["nodes"])
         studies = [ino] if level == 1 else self._children(txn, ino) if level == 0 else []
@@ -907,9 +1044,8 @@ class Index:
         if data is None:
             return
         uid = self._decode_in(txn, data).instance.study_uid
-        study_node = _decode_node(study, txn.get(_ino_key(study), db=dbs["nodes"]))
-        patient = _decode_node(study_node.parent, txn.get(_ino_key(study_node.parent),
-                                                            db=dbs["nodes"]))
+        study_node = self._node_at(txn, study)
+        patient = self._node_at(txn, study_node.parent)
         path = f"patients/{patient.name.decode()}/{study_node.name.decode()}"
         modalities = set()
         for r in self._children(txn, study):
@@ -959,7 +1095,7 @@ class Index:
         def place(identity: bytes, parent: int, name: str, uid: str) -> tuple[int, str, bool]:
             found = self._identity_in(txn, identity)
             if found is not None:
-                node = _decode_node(_U64.unpack(found)[0], txn.get(found, db=self._db["nodes"]))
+                node = self._node_at(txn, _U64.unpack(found)[0])
                 if node.parent != parent:
                     raise Conflict(_conflict_message(identity))
                 return node.ino, node.name.decode(), False
@@ -971,7 +1107,7 @@ class Index:
             taken.add(ino)
             final = name
             for n in range(100):
-                if txn.get(_dirent_key(parent, final.encode()), db=self._db["dirents"]) is None:
+                if self._child_in(txn, parent, final.encode()) is None:
                     break
                 final = unique_name(name, uid if n == 0 else f"{uid}\0{n}")
             return ino, final, True
@@ -1129,15 +1265,16 @@ class Index:
             name_b = name.encode()
             if (
                 txn.get(_ino_key(ino), db=dbs["nodes"]) is not None
-                or txn.get(_dirent_key(parent, name_b), db=dbs["dirents"]) is not None
+                or self._child_in(txn, parent, name_b) is not None
             ):
                 raise StalePlan(identity.decode(errors="replace"))
-            txn.put(_dirent_key(parent, name_b), _ino_key(ino), db=dbs["dirents"])
-            if kind == FILE:  # its node is its record; its identity, its instance key
+            if kind == FILE:  # in its series' listing; its identity is its instance key
                 data = record.encode_instance(manifest, shared)
-                txn.put(_ino_key(ino), _instance_node(data), db=dbs["nodes"])
+                self._staging(txn, parent).put(listing.entry_of(0, data))
+                txn.put(_ino_key(ino), _in_series(parent), db=dbs["nodes"])
                 txn.put(manifest.key, _ino_key(ino), db=dbs["instances"])
                 continue
+            txn.put(_dirent_key(parent, name_b), _ino_key(ino), db=dbs["dirents"])
             if kind == DIR:
                 node = Node(ino, DIR, parent, name_b, t, 0)
                 new_dirs.add(ino)
@@ -1279,11 +1416,14 @@ class Index:
                 self._new_cd_ino(txn, kind, p.patient_ino, 0)
         self._media_number(txn, CD_STUDY, p.patient_ino, p.study_ino)
         self._media_number(txn, CD_SERIES, p.study_ino, p.series_ino)
-        self._media_number(txn, 0, p.series_ino, p.file_ino)
+        files = self._staging(txn, p.series_ino)  # an image's number is in the listing
+        entry = files.by_ino(p.file_ino)
+        if entry is not None and entry.image == 0:
+            files.put(dataclasses.replace(entry, image=files.last_image + 1))
 
     def _media_number(self, txn: lmdb.Transaction, kind: int, parent: int, child: int) -> int:
-        """The number of ``child`` in ``parent`` (given now if it has none); a study and a
-        series also get their /cd inode (kind), an instance (kind 0) keeps its own."""
+        """The number of the study or series ``child`` in ``parent`` (given now if it has
+        none, with its /cd inode); an image's number is in its series' listing."""
         db = self._db["media"]
         if kind:
             found = txn.get(b"i\0" + kind.to_bytes() + _U64.pack(child), db=db)
@@ -1329,19 +1469,26 @@ class Index:
         """Up to ``limit`` (number, inode) numbered in ``parent``, numbers above ``after``."""
         prefix = b"e\0" + _U64.pack(parent)
         out: list[tuple[int, int]] = []
-        with self.env.begin() as txn:
+        with self.env.begin(buffers=True) as txn:
+            files = self._files_in(txn, parent)
+            if files is not None:
+                return [(e.image, e.ino) for e in itertools.islice(files.by_image(after), limit)]
             cursor = txn.cursor(db=self._db["media"])
             if not cursor.set_range(prefix + _U32.pack(after + 1)):
                 return out
             for key, value in cursor:
-                if not key.startswith(prefix) or len(out) >= limit:
+                if not bytes(key).startswith(prefix) or len(out) >= limit:
                     break
                 out.append((_U32.unpack(key[-4:])[0], _U64.unpack(value)[0]))
         return out
 
     def cd_child(self, parent: int, number: int) -> int | None:
         """The inode numbered ``number`` in ``parent``, or None."""
-        with self.env.begin() as txn:
+        with self.env.begin(buffers=True) as txn:
+            files = self._files_in(txn, parent)
+            if files is not None:
+                entry = next(files.by_image(number - 1), None)
+                return entry.ino if entry is not None and entry.image == number else None
             key = b"e\0" + _U64.pack(parent) + _U32.pack(number)
             value = txn.get(key, db=self._db["media"])
         return None if value is None else int(_U64.unpack(value)[0])
@@ -1367,11 +1514,10 @@ class Index:
 
             for study, study_ino in numbered(patient):
                 for series, series_ino in numbered(study_ino):
-                    for image, file_ino in numbered(series_ino):
-                        data = self._record_in(txn, file_ino)
-                        if data is not None:
-                            json_ = self._decode_in(txn, data).to_bytes()
-                            out.append((study, series, image, json_))
+                    files = self._files_in(txn, series_ino)
+                    for entry in files.by_image() if files is not None else ():
+                        json_ = self._decode_in(txn, entry.record).to_bytes()
+                        out.append((study, series, entry.image, json_))
         return out
 
     def _grow(
@@ -1456,16 +1602,16 @@ def check(index: Index, limit: int = 100) -> list[str]:
     dbs = index._db
     with index.env.begin() as txn:
         nodes: dict[int, Node] = {}
-        records: dict[int, bytes] = {}  # instance files' records
+        in_series: dict[int, int] = {}  # instance file -> the series its node names
         for key, value in txn.cursor(db=dbs["nodes"]):
             ino = _U64.unpack(key)[0]
+            if value[:1] == bytes([IN_SERIES]) and len(value) == 9:
+                in_series[ino] = _U64.unpack_from(value, 1)[0]
+                continue
             try:
                 nodes[ino] = _decode_node(ino, bytes(value))
             except (struct.error, AssertionError, ValueError) as exc:
                 bad(f"inode {ino}: unreadable node record ({exc})")
-                continue
-            if value[0] == INSTANCE:
-                records[ino] = bytes(value[1:])
 
         def path(ino: int) -> str:
             parts: list[str] = []
@@ -1474,9 +1620,43 @@ def check(index: Index, limit: int = 100) -> list[str]:
                 ino = nodes[ino].parent
             return "/" + "/".join(reversed(parts))
 
-        # Names: dirents <-> nodes.
+        # Series listings: each file once, in name order, numbered 1..n, its node
+        # naming its series.
         children: dict[int, list[int]] = {}
         named: set[int] = set()
+        records: dict[int, bytes] = {}  # instance files' records
+        for key, value in txn.cursor(db=dbs["files"]):
+            series = _U64.unpack(key)[0]
+            try:
+                view = listing.View(bytes(value))
+                entries = list(view)
+                by_ino = [view.by_ino(e.ino) for e in entries]
+                images = [e.image for e in view.by_image()]
+            except ValueError as exc:
+                bad(f"{path(series)}: unreadable listing of its files ({exc})")
+                continue
+            names = [e.name for e in entries]
+            if names != sorted(set(names)):
+                bad(f"{path(series)}: its listing is not in name order, or names a file twice")
+            if by_ino != entries:
+                bad(f"{path(series)}: its listing's inode table does not match its files")
+            if images != list(range(1, len(entries) + 1)):
+                bad(f"{path(series)}: its files are not numbered 1..{len(entries)} on /cd")
+            for entry in entries:
+                if entry.ino in nodes or entry.ino in records:
+                    bad(f"{path(series)}/{entry.name!r}: inode {entry.ino} is taken twice")
+                elif in_series.get(entry.ino) != series:
+                    bad(f"{path(series)}/{entry.name!r}: its node does not name its folder")
+                else:
+                    nodes[entry.ino] = _file_node(series, entry)
+                    records[entry.ino] = entry.record
+                    named.add(entry.ino)
+                    children.setdefault(series, []).append(entry.ino)
+        for ino, series in in_series.items():
+            if ino not in records:
+                bad(f"inode {ino}: names series folder {path(series)}, which does not list it")
+
+        # Names: dirents <-> nodes.
         for key, value in txn.cursor(db=dbs["dirents"]):
             parent, name, child = _U64.unpack(key[:8])[0], bytes(key[8:]), _U64.unpack(value)[0]
             node = nodes.get(child)

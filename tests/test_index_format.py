@@ -87,7 +87,7 @@ def test_a_format_2_index_is_upgraded_in_place(
     assert old_files == len(originals) > 10
 
     with archive.mounted() as m:  # this code: upgrades the index as it opens it
-        assert "index upgraded from format 2 to 3" in m.log_text()
+        assert "index upgraded from format 2 to 4" in m.log_text()
         after = tree(m.path)
         assert (next((m.path / "cd").iterdir()) / "DICOMDIR").read_bytes() == dicomdir
         served = {
@@ -100,7 +100,7 @@ def test_a_format_2_index_is_upgraded_in_place(
 
     index = Index(archive.dir / "index")
     try:
-        assert index.meta(b"format") == FORMAT == b"3"
+        assert index.meta(b"format") == FORMAT == b"4"
         assert check(index) == []
         with index.env.begin() as txn:
             left = [bytes(k) for k, _ in txn.cursor(db=index._db["ids"])
