@@ -1419,7 +1419,7 @@ class Index:
         files = self._staging(txn, p.series_ino)  # an image's number is in the listing
         entry = files.by_ino(p.file_ino)
         if entry is not None and entry.image == 0:
-            files.put(dataclasses.replace(entry, image=files.last_image + 1))
+            files.put(entry._replace(image=files.last_image + 1))
 
     def _media_number(self, txn: lmdb.Transaction, kind: int, parent: int, child: int) -> int:
         """The number of the study or series ``child`` in ``parent`` (given now if it has
@@ -1631,6 +1631,7 @@ def check(index: Index, limit: int = 100) -> list[str]:
                 view = listing.View(bytes(value))
                 entries = list(view)
                 by_ino = [view.by_ino(e.ino) for e in entries]
+                by_name = [view.find(e.name) for e in entries]
                 images = [e.image for e in view.by_image()]
             except ValueError as exc:
                 bad(f"{path(series)}: unreadable listing of its files ({exc})")
@@ -1638,8 +1639,8 @@ def check(index: Index, limit: int = 100) -> list[str]:
             names = [e.name for e in entries]
             if names != sorted(set(names)):
                 bad(f"{path(series)}: its listing is not in name order, or names a file twice")
-            if by_ino != entries:
-                bad(f"{path(series)}: its listing's inode table does not match its files")
+            if by_ino != entries or by_name != entries:
+                bad(f"{path(series)}: its listing's tables by inode or name do not match it")
             if images != list(range(1, len(entries) + 1)):
                 bad(f"{path(series)}: its files are not numbered 1..{len(entries)} on /cd")
             for entry in entries:

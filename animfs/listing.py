@@ -10,13 +10,15 @@ full overflow pages rather than on half-split leaves::
     n x end (u32 LE): where entry i ends, counted from the start of the entries
     n x (file inode u64 LE, entry number u32 LE), by inode
     n x entry number (u32 LE), by image number
+    n x (CRC-32 of the file name u32 LE, entry number u32 LE), by CRC then number
     n entries, by file name (UTF-8 bytes): image number (varint; 0: not numbered
       yet) | the instance record (:mod:`animfs.record`: compact, or JSON)
 
 An entry's file name, inode, size and time are its record's (:func:`record.peek`);
 the image number is its number on the patient's medium (``IMnnnnnn`` under /cd).
 :class:`View` reads a stored value in place: a search by name, inode or image
-number is a binary search that touches a few of its pages.  :class:`Listing` is
+number is a binary search in a table of fixed-width items, which touches a page or
+two of a listing of thousands, then the one entry.  :class:`Listing` is
 the form a write transaction changes; it is encoded once, when it commits.
 """
 
@@ -24,18 +26,19 @@ from __future__ import annotations
 
 import bisect
 import struct
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from animfs import record
 
 _U32 = struct.Struct("<I")
 _BY_INO = struct.Struct("<QI")
+_BY_NAME = struct.Struct("<II")
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One file of a series, as its record says."""
+class Entry(NamedTuple):
+    """One file of a series, as its record says (a tuple: made for every file listed)."""
 
     name: bytes
     ino: int
@@ -79,7 +82,7 @@ class View:
     valid as long as its transaction).  Raises :class:`record.RecordError` on a
     malformed one."""
 
-    __slots__ = ("_data", "_ends", "_by_ino", "_by_image", "_base", "n")
+    __slots__ = ("_data", "_ends", "_by_ino", "_by_image", "_by_name", "_base", "n")
 
     def __init__(self, data: bytes | memoryview) -> None:
         if len(data) < 4:
@@ -89,7 +92,8 @@ class View:
         self._ends = 4
         self._by_ino = 4 + 4 * n
         self._by_image = self._by_ino + 12 * n
-        self._base = self._by_image + 4 * n
+        self._by_name = self._by_image + 4 * n
+        self._base = self._by_name + 8 * n
         if len(data) < self._base:
             raise record.RecordError("truncated series listing")
 
@@ -124,11 +128,22 @@ class View:
         return lo
 
     def find(self, name: bytes) -> Entry | None:
-        i = self._bisect(name)
-        if i < self.n:
+        crc = zlib.crc32(name)
+        lo, hi = 0, self.n
+        while lo < hi:  # the first item of the table with this CRC
+            mid = (lo + hi) // 2
+            if _BY_NAME.unpack_from(self._data, self._by_name + 8 * mid)[0] < crc:
+                lo = mid + 1
+            else:
+                hi = mid
+        while lo < self.n:
+            found, i = _BY_NAME.unpack_from(self._data, self._by_name + 8 * lo)
+            if found != crc:
+                return None
             entry = self.entry(i)
             if entry.name == name:
                 return entry
+            lo += 1
         return None
 
     def by_ino(self, ino: int) -> Entry | None:
@@ -227,10 +242,12 @@ class Listing:
             ends += _U32.pack(len(body))
         by_ino = sorted((e.ino, i) for i, e in enumerate(self.entries))
         by_image = sorted(range(len(self.entries)), key=lambda i: self.entries[i].image)
+        by_name = sorted((zlib.crc32(e.name), i) for i, e in enumerate(self.entries))
         return b"".join([
             _U32.pack(len(self.entries)),
             bytes(ends),
             b"".join(_BY_INO.pack(ino, i) for ino, i in by_ino),
             b"".join(_U32.pack(i) for i in by_image),
+            b"".join(_BY_NAME.pack(crc, i) for crc, i in by_name),
             bytes(body),
         ])
