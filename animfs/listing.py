@@ -128,6 +128,11 @@ class View:
         return lo
 
     def find(self, name: bytes) -> Entry | None:
+        i = self._index_of(name)
+        return None if i is None else self.entry(i)
+
+    def _index_of(self, name: bytes) -> int | None:
+        """The number of the entry named ``name``, by the CRC table, or None."""
         crc = zlib.crc32(name)
         lo, hi = 0, self.n
         while lo < hi:  # the first item of the table with this CRC
@@ -140,9 +145,8 @@ class View:
             found, i = _BY_NAME.unpack_from(self._data, self._by_name + 8 * lo)
             if found != crc:
                 return None
-            entry = self.entry(i)
-            if entry.name == name:
-                return entry
+            if self._name(i) == name:
+                return int(i)
             lo += 1
         return None
 
@@ -175,10 +179,9 @@ class View:
     def after(self, name: bytes | None) -> Iterator[Entry]:
         """The entries whose name sorts after ``name`` (all: None), in name order."""
         i = 0
-        if name is not None:
-            i = self._bisect(name)
-            if i < self.n and self._name(i) == name:
-                i += 1
+        if name is not None:  # usually the last name a listing gave: found by its CRC
+            found = self._index_of(name)
+            i = found + 1 if found is not None else self._bisect(name)
         for j in range(i, self.n):
             yield self.entry(j)
 

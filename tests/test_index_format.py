@@ -107,7 +107,11 @@ def test_a_format_2_index_is_upgraded_in_place(
                     if bytes(k).startswith(b"I\0")]
             left += [bytes(k) for k, _ in txn.cursor(db=index._db["media"])
                      if bytes(k).startswith(b"f\0")]
-        assert left == []
+            files = {bytes(k) for k, v in txn.cursor(db=index._db["nodes"]) if v[0] == 5}
+            left += [bytes(k) for k, v in txn.cursor(db=index._db["dirents"])
+                     if bytes(v) in files]  # a file's name is in its series' listing
+            listed = sum(1 for _ in txn.cursor(db=index._db["files"]))
+        assert left == [] and len(files) == len(originals) and listed == 2
     finally:
         index.close()
     # The records decode to the same manifests (as at the sites), byte for byte.
