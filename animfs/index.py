@@ -21,9 +21,10 @@ so that keys sort numerically, little-endian in values):
                upgraded from format 1 possibly the manifest JSON, first byte ``{``).
                A record decodes to a manifest byte-identical to ``manifests/<key hex>``
                at the sites, or with a key to what ``manifests/<keyed name>`` opens to.
-               A series is listed with one read; a file is found in it by name or
-               inode with a binary search.  A write transaction rewrites a listing
-               once, as it commits (:class:`Index._WriteTxn`).
+               A series is listed with one read; a file is found in it by name (by a
+               table of the names' CRC-32), inode or image number with a binary
+               search.  A write transaction rewrites a listing once, as it commits
+               (:class:`Index._WriteTxn`).
 ``dirents``    parent inode (u64 BE) + name bytes -> child inode (u64 BE), for every
                node but instance files (which are in ``files``).
                Sorted by name within a folder: a listing is one cursor walk.
@@ -219,7 +220,7 @@ class Node:
 def _encode_node(n: Node) -> bytes:
     """The node value of a folder, a link or a fixed file (an instance file's is
     :meth:`Index._node_in`)."""
-    assert not n.instance, "an instance file's node is its record"
+    assert not n.instance, "an instance file is in its series' listing"
     head = _HEAD.pack(n.kind, n.parent, n.mtime_ns, n.size, len(n.name)) + n.name
     if n.kind == DIR:
         return head + _DIR_TAIL.pack(n.subdirs, n.files, n.bytes_below)
@@ -317,7 +318,11 @@ class Index:
         self._staged: dict[int, listing.Listing] = {}
         with self.env.begin(write=True) as txn:
             self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in _DBS}
-        self._check_format()
+        try:
+            self._check_format()
+        except IndexError_:
+            self.env.close()
+            raise
         self._ensure_roots()
         self._ensure_media()
 
@@ -325,7 +330,7 @@ class Index:
         self.env.close()
 
     def _check_format(self) -> None:
-        """Refuse an index written by a newer animfs; upgrade one of format 1 or 2."""
+        """Refuse an index written by a newer animfs; upgrade one of format 1, 2 or 3."""
         with self.env.begin() as txn:
             found = txn.get(b"format", db=self._db["meta"])
         if found is None or bytes(found) == FORMAT:
@@ -353,22 +358,28 @@ class Index:
         start = time.monotonic()
         dbs = self._db
         moved = 0
-        with self._write() as txn:
-            found = txn.get(b"format", db=dbs["meta"])
-            if found is None or bytes(found) == FORMAT:
-                return  # another process upgraded it meanwhile
-            cursor = txn.cursor(db=dbs["dirents"])
-            go = cursor.first()
-            while go:
-                prefix = bytes(cursor.key())[:8]
-                group = []
-                while go and bytes(cursor.key()).startswith(prefix):
-                    group.append((bytes(cursor.key()), _U64.unpack(cursor.value())[0]))
-                    go = cursor.next()
-                resume = bytes(cursor.key()) if go else None
-                moved += self._upgrade_folder(txn, _U64.unpack(prefix)[0], group)
-                go = resume is not None and cursor.set_range(resume)
-            txn.put(b"format", FORMAT, db=dbs["meta"])
+        try:
+            with self._write() as txn:
+                found = txn.get(b"format", db=dbs["meta"])
+                if found is None or bytes(found) == FORMAT:
+                    return  # another process upgraded it meanwhile
+                cursor = txn.cursor(db=dbs["dirents"])
+                go = cursor.first()
+                while go:
+                    prefix = bytes(cursor.key())[:8]
+                    group = []
+                    while go and bytes(cursor.key()).startswith(prefix):
+                        group.append((bytes(cursor.key()), _U64.unpack(cursor.value())[0]))
+                        go = cursor.next()
+                    resume = bytes(cursor.key()) if go else None
+                    moved += self._upgrade_folder(txn, _U64.unpack(prefix)[0], group)
+                    go = resume is not None and cursor.set_range(resume)
+                txn.put(b"format", FORMAT, db=dbs["meta"])
+        except (ValueError, struct.error) as exc:  # nothing was changed
+            raise IndexError_(
+                f"{self.path}: cannot upgrade this index to format {FORMAT.decode()} ({exc}); "
+                "move it away and run 'animfs rebuild-index'"
+            ) from exc
         log.info("%s: index upgraded from format %s to %s (%d instances) in %.1f s",
                  self.path, bytes(found).decode(), FORMAT.decode(), moved,
                  time.monotonic() - start)

@@ -17,7 +17,7 @@ from typing import Any
 import lmdb
 import pytest
 
-from animfs.index import FORMAT, Index, check
+from animfs.index import FORMAT, Index, IndexError_, check
 
 from conftest import ROOT, Archive, files_under, sha256_file
 
@@ -27,7 +27,7 @@ OLD_COMMIT = "925779b"  # the last commit whose animfs wrote index format 2
 @pytest.fixture(scope="module")
 def old_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
     where = tmp_path_factory.mktemp("old-animfs")
-    tar = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_COMMIT, "animfs"],
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_COMMIT, "animfs", "scripts"],
                          capture_output=True, timeout=60, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(where)], input=tar, check=True, timeout=60)
     assert (where / "animfs" / "index.py").read_text().count('FORMAT = b"2"') == 1
@@ -119,6 +119,41 @@ def test_a_format_2_index_is_upgraded_in_place(
     assert len(old_manifests) == len(originals)
     verify = archive.run("verify")
     assert "index: consistent" in verify.stdout + verify.stderr
+
+
+def test_an_old_index_that_does_not_upgrade_is_refused_unchanged(
+    tmp_path: Path, old_code: Path
+) -> None:
+    where = tmp_path / "idx"
+    made = subprocess.run(
+        [sys.executable, str(old_code / "scripts" / "gen_index.py"), "300", "--index", str(where)],
+        capture_output=True, text=True, timeout=300, cwd=old_code,
+        env={**os.environ, "PYTHONPATH": str(old_code), "PYTHONSAFEPATH": "1"},
+    )
+    assert made.returncode == 0, made.stderr
+
+    def content() -> dict[bytes, list[tuple[bytes, bytes]]]:
+        env = lmdb.open(str(where), max_dbs=16, readonly=True, lock=False)
+        with env.begin() as txn:
+            names = [bytes(k) for k, _ in txn.cursor()]
+            out = {name: [(bytes(k), bytes(v)) for k, v in
+                          txn.cursor(db=env.open_db(name, txn=txn, create=False))]
+                   for name in names if name != b"files"}
+        env.close()
+        return out
+
+    env = lmdb.open(str(where), max_dbs=16, map_size=1 << 30)
+    with env.begin(write=True) as txn:  # one file's record lost
+        instances = env.open_db(b"instances", txn=txn)
+        cursor = txn.cursor(db=instances)
+        assert cursor.first()
+        cursor.delete()
+    env.close()
+    before = content()
+    assert len(before[b"instances"]) == 299 and before[b"meta"][0] == (b"format", b"2")
+    with pytest.raises(IndexError_, match="cannot upgrade this index to format 4 .*rebuild-index"):
+        Index(where, map_size=1 << 30)
+    assert content() == before
 
 
 def test_an_index_of_an_unknown_format_is_refused(tmp_path: Path) -> None:
