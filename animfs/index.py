@@ -363,6 +363,9 @@ class Index:
                 found = txn.get(b"format", db=dbs["meta"])
                 if found is None or bytes(found) == FORMAT:
                     return  # another process upgraded it meanwhile
+                log.info("%s: upgrading the index from format %s to %s, in one transaction "
+                         "(about 3 minutes per million instances)", self.path,
+                         bytes(found).decode(), FORMAT.decode())
                 cursor = txn.cursor(db=dbs["dirents"])
                 go = cursor.first()
                 while go:
