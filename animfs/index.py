@@ -3,33 +3,47 @@
 Schema (one LMDB environment, named sub-databases; integers big-endian in keys
 so that keys sort numerically, little-endian in values):
 
-``nodes``      inode (u64 BE) -> node record, see :func:`_encode_node`:
-               kind u8 | parent u64 | mtime_ns i64 | size u64 | name_len u16 | name
-               then by kind:
-                 dir:  subdirs u64 | files below u64 | bytes below u64
-                 file: instance key (32 bytes)
-                 link: target (the rest)
-``dirents``    parent inode (u64 BE) + name bytes -> child inode (u64 BE).
+``nodes``      inode (u64 BE) -> node record:
+                 an instance file: 5 (u8) | its series folder's inode (u64 BE): the
+                   file itself is an entry of that folder's listing in ``files``
+                 any other node (see :func:`_encode_node`): kind u8 | parent u64 |
+                   mtime_ns i64 | size u64 | name_len u16 | name, then by kind:
+                   dir (1):  subdirs u64 | files below u64 | bytes below u64
+                   file (2): nothing (the fixed /.animfs/status)
+                   link (3): target (the rest)
+``files``      series folder inode (u64 BE) -> the listing of its instance files
+               (:mod:`animfs.listing`): one value per series with, for each file in
+               name order, its /cd image number and its instance record
+               (:mod:`animfs.record`, format 2, ~150 bytes: series inode (its parent),
+               file inode, ingested_ns (its mtime), size, SOPInstanceUID, checksum, chunk
+               list, what differs from its series; its file name only where that is not
+               the default ``<InstanceNumber:05d>_<SOPInstanceUID>.dcm``; in an index
+               upgraded from format 1 possibly the manifest JSON, first byte ``{``).
+               A record decodes to a manifest byte-identical to ``manifests/<key hex>``
+               at the sites, or with a key to what ``manifests/<keyed name>`` opens to.
+               A series is listed with one read; a file is found in it by name (by a
+               table of the names' CRC-32), inode or image number with a binary
+               search.  A write transaction rewrites a listing once, as it commits
+               (:class:`Index._WriteTxn`).
+``dirents``    parent inode (u64 BE) + name bytes -> child inode (u64 BE), for every
+               node but instance files (which are in ``files``).
                Sorted by name within a folder: a listing is one cursor walk.
 ``ids``        identity -> inode (u64 BE).  Identities:
                  b"P\\0" issuer "-" PatientID   patient folder
                  b"S\\0" StudyInstanceUID        study folder
                  b"R\\0" SeriesInstanceUID       series folder
-                 b"I\\0" SOPInstanceUID          instance file
                  b"L\\0" StudyInstanceUID        symlink under /studies
                  b"Y\\0" YYYY | YYYY/MM | YYYY/MM/DD   folders under /by-date
                  b"D\\0" StudyInstanceUID        symlink under /by-date/YYYY/MM/DD
                  b"O\\0" MOD | MOD/YYYY | MOD/YYYY/MM  folders under /by-modality
                  b"M\\0" MOD "\\0" StudyInstanceUID  symlink under /by-modality/MOD/YYYY/MM
-``instances``  instance key (sha256 of SOPInstanceUID, 32 bytes) -> the instance record
-               (:mod:`animfs.record`, format 2: ~160 bytes: file and series inode, size,
-               SOPInstanceUID, checksum, chunk list, what differs from its series), or
-               in a format-1 index the manifest JSON (first byte ``{``, still read).
-               Either decodes to a manifest byte-identical to ``manifests/<key hex>``
-               at the sites, or with a key to what ``manifests/<keyed name>`` opens to.
+``instances``  instance key (sha256 of SOPInstanceUID, 32 bytes) -> the instance's file
+               inode (u64 BE).  An instance file's identity (SOPInstanceUID) is found
+               here, not in ``ids``.
 ``series``     series inode (u64 BE) -> the series record (:mod:`animfs.record`): the
                tags, institution, folder names and inodes its instances share.
-``chunks``     chunk id (32 raw bytes) -> stored size u64 | references u64.
+``chunks``     chunk id (32 raw bytes) -> stored size varint | references varint
+               (LEB128; in an index from before format 3, u64 LE each: still read).
 ``journal``    site name + b"\\0" + object key -> JSON {"reason", "time"}: the
                repair journal, one entry per object a site lacks a good copy of.
 ``consents``   patient key (issuer "-" PatientID) + b"\\0" + institution code or b"all"
@@ -40,10 +54,10 @@ so that keys sort numerically, little-endian in values):
                "reason"}: the latest break-the-glass grant of that uid for that patient.
 ``media``      the /cd tree, one DICOM medium per patient (:mod:`animfs.media`); numbers
                are given once, when an instance is committed, in commit order:
-                 b"f\0" + instance key -> study, series, image number (u32 BE each): the
-                   instance's file ID DICOM/ST<study>/SE<series>/IM<image> (6 digits each)
                  b"e\0" + folder inode (u64 BE) + number (u32 BE) -> inode (u64 BE) of the
-                   study, series or instance with that number in that patient, study or series
+                   study or series with that number in that patient or study (an instance's
+                   number in its series is in the series' listing, see ``files``): its file
+                   ID is DICOM/ST<study>/SE<series>/IM<image> (6 digits each)
                  b"n\0" + folder inode (u64 BE) -> the last number given in it (u32 BE)
                  b"c\0" + cd inode (u64 BE) -> kind (1 byte) | inode (u64 BE) | number (u32 BE):
                    an entry of /cd: P /cd/<patient>, M its DICOMDIR, T its README.TXT, D its
@@ -51,7 +65,12 @@ so that keys sort numerically, little-endian in values):
                    (inode: that folder's under /patients)
                  b"i\0" + kind + inode (u64 BE) -> cd inode (u64 BE) | number (u32 BE): the
                    reverse of b"c"
-``meta``       b"format" -> b"2" (b"1": instance records were all JSON; read as well).
+``meta``       b"format" -> b"4".  An index of format 2 (a node and a name entry per file,
+                 instance records in ``instances``, b"I\\0" identities in ``ids``, b"f\\0"
+                 file IDs and image numbers in ``media``), 1 (the same, records in JSON) or
+                 3 (records in the files' nodes; only ever on a development branch) is
+                 upgraded in place when opened, in one transaction, with a log line
+                 (:meth:`Index._upgrade`); chunk values keep their old form until rewritten.
                b"sync\0" + host -> JSON {"after", "seen"}: how far ``animfs sync`` has
                  read that host's log at the sites (:mod:`animfs.sync`); b"sync-last" ->
                  JSON {"time", "added", "hosts"} of the last sync.
@@ -88,7 +107,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import logging
 import re
 import struct
 import time
@@ -99,13 +120,15 @@ from typing import Any
 
 import lmdb
 
-from animfs import record
+from animfs import listing, record
 from animfs.access import IN_ORDER, BreakGlass, Consent, PatientState
 from animfs.dicom import safe_name, unique_name
-from animfs.manifest import Manifest, Placement
+from animfs.manifest import Manifest, Placement, instance_key
 from animfs.store.dual import Missed
 
 DIR, FILE, LINK = 1, 2, 3
+INSTANCE = 4  # stored kind of an instance file's node in format 3: its record follows
+IN_SERIES = 5  # stored kind of an instance file's node: its series inode follows
 
 ROOT_INO = 1
 PATIENTS_INO = 2
@@ -129,14 +152,13 @@ FIRST_DYNAMIC_INO = 1 << 16
 CD_INO = 8  # /cd: one DICOM medium per patient, made by _ensure_media
 CD_FIRST_INO = 1 << 63  # inodes of the /cd tree, see "media" above
 CD_PATIENT, CD_DICOMDIR, CD_README, CD_DICOM, CD_STUDY, CD_SERIES = b"PMTDSR"
-_MEDIA_FILE = struct.Struct(">III")
 _CD_ENTRY = struct.Struct(">cQI")
 _CD_INO = struct.Struct(">QI")
 
 _HEAD = struct.Struct("<BQqQH")
 _DIR_TAIL = struct.Struct("<QQQ")
 _U64 = struct.Struct(">Q")
-_CHUNK = struct.Struct("<QQ")
+_OLD_CHUNK = struct.Struct("<QQ")  # chunk values before format 3
 _DBS = (
     "nodes",
     "dirents",
@@ -150,11 +172,14 @@ _DBS = (
     "break_glass",
     "media",
     "series",
+    "files",
 )
 _U32 = struct.Struct(">I")
 _STATE = b"state\0"  # meta: access state changed, not yet at the sites
-FORMAT = b"2"  # see the schema above and animfs.record
-READABLE_FORMATS = (b"1", b"2")
+FORMAT = b"4"  # see the schema above, animfs.listing and animfs.record
+UPGRADABLE_FORMATS = (b"1", b"2", b"3")
+
+log = logging.getLogger(__name__)
 
 
 class IndexError_(Exception):
@@ -193,16 +218,29 @@ class Node:
 
 
 def _encode_node(n: Node) -> bytes:
+    """The node value of a folder, a link or a fixed file (an instance file's is
+    :meth:`Index._node_in`)."""
+    assert not n.instance, "an instance file is in its series' listing"
     head = _HEAD.pack(n.kind, n.parent, n.mtime_ns, n.size, len(n.name)) + n.name
     if n.kind == DIR:
         return head + _DIR_TAIL.pack(n.subdirs, n.files, n.bytes_below)
-    if n.kind == FILE:
-        return head + n.instance
     return head + n.target
 
 
+def _in_series(series: int) -> bytes:
+    """The node value of an instance file of the series folder ``series``."""
+    return bytes([IN_SERIES]) + _U64.pack(series)
+
+
+def _file_node(series: int, entry: listing.Entry) -> Node:
+    return Node(entry.ino, FILE, series, entry.name, entry.mtime_ns, entry.size,
+                instance=instance_key(entry.sop_uid))
+
+
 def _decode_node(ino: int, data: bytes | memoryview | None) -> Node:
+    """A folder, link or fixed file node (an instance file's is :meth:`Index._node_in`'s)."""
     assert data is not None, f"inode {ino}: node record missing"
+    assert data[0] not in (INSTANCE, IN_SERIES), f"inode {ino}: an instance file"
     kind, parent, mtime_ns, size, name_len = _HEAD.unpack_from(data)
     start = _HEAD.size
     name = bytes(data[start : start + name_len])
@@ -211,8 +249,35 @@ def _decode_node(ino: int, data: bytes | memoryview | None) -> Node:
         subdirs, files, nbytes = _DIR_TAIL.unpack(tail)
         return Node(ino, kind, parent, name, mtime_ns, size, subdirs, files, nbytes)
     if kind == FILE:
-        return Node(ino, kind, parent, name, mtime_ns, size, instance=tail)
+        return Node(ino, kind, parent, name, mtime_ns, size)
     return Node(ino, kind, parent, name, mtime_ns, size, target=tail)
+
+
+def _chunk_value(stored: int, refs: int) -> bytes:
+    out = bytearray()
+    for n in (stored, refs):
+        while n >= 0x80:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+    return bytes(out)
+
+
+def _chunk_fields(value: bytes | memoryview) -> tuple[int, int]:
+    """(stored size, references) of a chunk value, either form."""
+    if len(value) == _OLD_CHUNK.size:
+        stored, refs = _OLD_CHUNK.unpack(value)
+        return int(stored), int(refs)
+    out, n, shift = [], 0, 0
+    for b in bytes(value):
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            out.append(n)
+            n = shift = 0
+    if len(out) != 2:
+        raise ValueError("malformed chunk value")
+    return out[0], out[1]
 
 
 def _ino_key(ino: int) -> bytes:
@@ -249,9 +314,15 @@ class Index:
         except lmdb.Error as exc:
             raise IndexError_(f"{path}: cannot open the index: {exc}") from exc
         self.path = path
+        self._staged_txn: lmdb.Transaction | None = None  # see _WriteTxn
+        self._staged: dict[int, listing.Listing] = {}
         with self.env.begin(write=True) as txn:
             self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in _DBS}
-        self._check_format()
+        try:
+            self._check_format()
+        except IndexError_:
+            self.env.close()
+            raise
         self._ensure_roots()
         self._ensure_media()
 
@@ -259,25 +330,196 @@ class Index:
         self.env.close()
 
     def _check_format(self) -> None:
-        """Refuse an index written by a newer animfs; mark a format-1 one as format 2
-        (its JSON records stay readable, new ones are compact)."""
+        """Refuse an index written by a newer animfs; upgrade one of format 1, 2 or 3."""
         with self.env.begin() as txn:
             found = txn.get(b"format", db=self._db["meta"])
         if found is None or bytes(found) == FORMAT:
             return
-        if bytes(found) not in READABLE_FORMATS:
+        if bytes(found) not in UPGRADABLE_FORMATS:
             raise IndexError_(
                 f"{self.path}: index format {bytes(found).decode(errors='replace')} is not one "
                 f"this animfs reads ({FORMAT.decode()}); move it away and run "
                 "'animfs rebuild-index'"
             )
-        with self._write() as txn:
-            txn.put(b"format", FORMAT, db=self._db["meta"])
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Bring an index of format 1, 2 or 3 to format 4, in one transaction.
+
+        Folder by folder (a walk of ``dirents``), the instance files of a series
+        folder become its listing in ``files``: each file's record (format 1 and 2:
+        in ``instances``; 3: in its node), with its image number (from the
+        b"e\\0" numbers, which go, with the series' b"n\\0" counter), and its name,
+        which its dirent (gone too) gives.  A file's node becomes the inode of its
+        series, ``instances`` maps its instance key to its inode, and what repeated
+        the instance key (b"I\\0" identities, b"f\\0" file IDs) goes.  One series is
+        held in memory at a time.
+        """
+        start = time.monotonic()
+        dbs = self._db
+        moved = 0
+        try:
+            with self._write() as txn:
+                found = txn.get(b"format", db=dbs["meta"])
+                if found is None or bytes(found) == FORMAT:
+                    return  # another process upgraded it meanwhile
+                log.info("%s: upgrading the index from format %s to %s, in one transaction "
+                         "(about 3 minutes per million instances)", self.path,
+                         bytes(found).decode(), FORMAT.decode())
+                cursor = txn.cursor(db=dbs["dirents"])
+                go = cursor.first()
+                while go:
+                    prefix = bytes(cursor.key())[:8]
+                    group = []
+                    while go and bytes(cursor.key()).startswith(prefix):
+                        group.append((bytes(cursor.key()), _U64.unpack(cursor.value())[0]))
+                        go = cursor.next()
+                    resume = bytes(cursor.key()) if go else None
+                    moved += self._upgrade_folder(txn, _U64.unpack(prefix)[0], group)
+                    go = resume is not None and cursor.set_range(resume)
+                txn.put(b"format", FORMAT, db=dbs["meta"])
+        except (ValueError, struct.error) as exc:  # nothing was changed
+            raise IndexError_(
+                f"{self.path}: cannot upgrade this index to format {FORMAT.decode()} ({exc}); "
+                "move it away and run 'animfs rebuild-index'"
+            ) from exc
+        log.info("%s: index upgraded from format %s to %s (%d instances) in %.1f s",
+                 self.path, bytes(found).decode(), FORMAT.decode(), moved,
+                 time.monotonic() - start)
+
+    def _upgrade_folder(
+        self, txn: lmdb.Transaction, folder: int, group: list[tuple[bytes, int]]
+    ) -> int:
+        """Move the instance files among a folder's entries (dirent key, inode) into
+        its listing (see :meth:`_upgrade`); returns how many there were."""
+        dbs = self._db
+        files = listing.Listing()
+        numbers = {
+            _U64.unpack(value)[0]: _U32.unpack(key[-4:])[0]
+            for key, value in _prefixed(txn, dbs["media"], b"e\0" + _U64.pack(folder))
+        }
+        for dirent, ino in group:
+            data = txn.get(_ino_key(ino), db=dbs["nodes"])
+            if data is None or ino < FIRST_DYNAMIC_INO:
+                continue
+            if data[0] == INSTANCE:  # format 3
+                rec = bytes(data[1:])
+            elif data[0] == FILE:  # format 1 or 2: the tail is the instance key
+                rec = bytes(txn.get(bytes(data[-32:]), db=dbs["instances"]) or b"")
+            else:
+                continue
+            name = dirent[8:]
+            _ino, _series, _t, _size, rec_name, sop_uid = record.peek(rec)
+            if rec_name.encode() != name:  # never seen: the name entry is the truth
+                manifest = self._decode_in(txn, rec)
+                renamed = manifest.with_placement(
+                    dataclasses.replace(manifest.placement, file_name=name.decode()))
+                shared = txn.get(_ino_key(folder), db=dbs["series"])
+                rec = (renamed.to_bytes() if shared is None
+                       else record.encode_instance(renamed, shared))
+            files.put(listing.entry_of(numbers.get(ino, 0), rec))
+            key = instance_key(sop_uid)
+            txn.put(_ino_key(ino), _in_series(folder), db=dbs["nodes"])
+            txn.put(key, _ino_key(ino), db=dbs["instances"])
+            txn.delete(dirent, db=dbs["dirents"])
+            txn.delete(b"I\0" + sop_uid.encode(), db=dbs["ids"])
+            txn.delete(b"f\0" + key, db=dbs["media"])
+        if len(files):
+            for number in numbers.values():
+                txn.delete(b"e\0" + _U64.pack(folder) + _U32.pack(number), db=dbs["media"])
+            txn.delete(b"n\0" + _U64.pack(folder), db=dbs["media"])
+            txn.put(_ino_key(folder), files.encode(), db=dbs["files"])
+        return len(files)
 
     def _decode_in(self, txn: lmdb.Transaction, data: bytes | memoryview) -> Manifest:
         """The manifest of an instance record (compact or JSON), read in ``txn``."""
         series = self._db["series"]
         return record.decode(data, lambda ino: txn.get(_U64.pack(ino), db=series))
+
+    def _identity_in(self, txn: lmdb.Transaction, identity: bytes) -> bytes | None:
+        """The inode (u64 BE) an identity names, or None: from ``ids``, or for an
+        instance file (b"I\\0" + SOPInstanceUID) from ``instances``."""
+        if identity.startswith(b"I\0"):
+            found = txn.get(instance_key(identity[2:].decode()), db=self._db["instances"])
+        else:
+            found = txn.get(identity, db=self._db["ids"])
+        return None if found is None else bytes(found)
+
+    # -- series listings (animfs.listing) ---------------------------------------------
+
+    def _files_in(
+        self, txn: lmdb.Transaction, series: int
+    ) -> listing.View | listing.Listing | None:
+        """The files of the series folder ``series`` as ``txn`` sees them; None if it
+        has none (or is not a series folder)."""
+        if txn is self._staged_txn and series in self._staged:
+            return self._staged[series]
+        data = txn.get(_ino_key(series), db=self._db["files"])
+        return None if data is None else listing.View(data)
+
+    def _staging(self, txn: lmdb.Transaction, series: int) -> listing.Listing:
+        """The files of the series folder ``series``, for the write transaction ``txn``
+        to change (written when it commits, see :class:`_WriteTxn`)."""
+        assert txn is self._staged_txn, "series listings change in a write transaction"
+        files = self._staged.get(series)
+        if files is None:
+            files = listing.Listing.load(txn.get(_ino_key(series), db=self._db["files"]))
+            self._staged[series] = files
+        return files
+
+    def _entry_in(self, txn: lmdb.Transaction, ino: int) -> tuple[int, listing.Entry] | None:
+        """(series inode, listing entry) of the instance file ``ino``, or None."""
+        data = txn.get(_ino_key(ino), db=self._db["nodes"])
+        if data is None or data[0] != IN_SERIES:
+            return None
+        series = _U64.unpack_from(data, 1)[0]
+        files = self._files_in(txn, series)
+        entry = None if files is None else files.by_ino(ino)
+        return None if entry is None else (series, entry)
+
+    def _node_in(self, txn: lmdb.Transaction, ino: int) -> Node | None:
+        data = txn.get(_ino_key(ino), db=self._db["nodes"])
+        if data is None:
+            return None
+        if data[0] != IN_SERIES:
+            return _decode_node(ino, data)
+        found = self._entry_in(txn, ino)
+        return None if found is None else _file_node(*found)
+
+    def _node_at(self, txn: lmdb.Transaction, ino: int) -> Node:
+        """The node ``ino``, which must exist."""
+        node = self._node_in(txn, ino)
+        assert node is not None, f"inode {ino}: node record missing"
+        return node
+
+    def _child_in(self, txn: lmdb.Transaction, parent: int, name: bytes) -> int | None:
+        """The inode named ``name`` in folder ``parent``, or None."""
+        files = self._files_in(txn, parent)
+        if files is not None:
+            entry = files.find(name)
+            return None if entry is None else entry.ino
+        found = txn.get(_dirent_key(parent, name), db=self._db["dirents"])
+        return None if found is None else int(_U64.unpack(found)[0])
+
+    def _record_in(self, txn: lmdb.Transaction, file_ino: int) -> bytes | None:
+        """The instance record of the file ``file_ino``, or None (not an instance file)."""
+        found = self._entry_in(txn, file_ino)
+        return None if found is None else found[1].record
+
+    def _manifest_in(self, txn: lmdb.Transaction, key: bytes) -> Manifest | None:
+        """The manifest of the instance with instance key ``key``, or None."""
+        found = txn.get(key, db=self._db["instances"])
+        data = None if found is None else self._record_in(txn, _U64.unpack(found)[0])
+        return None if data is None else self._decode_in(txn, data)
+
+    def _manifests_in(self, txn: lmdb.Transaction) -> list[Manifest]:
+        """Every instance's manifest, in ingest order (to number or link them again)."""
+        out = [
+            self._decode_in(txn, entry.record)
+            for _key, data in txn.cursor(db=self._db["files"])
+            for entry in listing.View(data)
+        ]
+        return sorted(out, key=lambda m: m.ingested_ns)
 
     def _ensure_roots(self) -> None:
         """Create the fixed entries that are missing: all of them in a new index, the
@@ -304,23 +546,39 @@ class Index:
             txn.put(_ino_key(ROOT_INO), _encode_node(root), db=nodes)
             if txn.get(b"format", db=self._db["meta"]) is None:
                 txn.put(b"format", FORMAT, db=self._db["meta"])
-            earlier = [
-                self._decode_in(txn, v) for _, v in txn.cursor(db=self._db["instances"])
-            ]
-            for manifest in sorted(earlier, key=lambda m: m.ingested_ns):
+            for manifest in self._manifests_in(txn):
                 self._add_views(txn, manifest)
 
     class _WriteTxn:
-        """A write transaction whose LMDB errors become IndexFull / IndexError_."""
+        """A write transaction whose LMDB errors become IndexFull / IndexError_.
+
+        The series listings it changes are kept decoded (``Index._staged``) and
+        written once each, as it commits: a group of files added to a series of
+        thousands rewrites its listing once, not once per file.  LMDB lets one
+        write transaction run at a time, so there is one such set of listings;
+        reads in other transactions meanwhile see the listings as committed.
+        """
 
         def __init__(self, index: Index) -> None:
             self.index = index
 
         def __enter__(self) -> lmdb.Transaction:
             self.txn = self.index.env.begin(write=True)
+            self.index._staged_txn, self.index._staged = self.txn, {}
             return self.txn
 
         def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+            staged = self.index._staged
+            self.index._staged_txn, self.index._staged = None, {}
+            if exc_type is None:
+                try:
+                    for series, files in staged.items():
+                        self.txn.put(_ino_key(series), files.encode(), db=self.index._db["files"])
+                except BaseException as put_exc:
+                    exc_type, exc = type(put_exc), put_exc
+                    if not isinstance(put_exc, lmdb.Error):
+                        self.txn.abort()
+                        raise
             if exc_type is not None:
                 self.txn.abort()
                 if isinstance(exc, lmdb.MapFullError):
@@ -342,46 +600,50 @@ class Index:
 
     # -- reads: each opens and closes its own transaction --------------------------------
 
+    # Reads that may meet a series listing map it without copying it (buffers=True):
+    # a file's lookup or attributes touch a few pages of a listing of thousands.
+
     def node(self, ino: int) -> Node | None:
-        with self.env.begin() as txn:
-            data = txn.get(_ino_key(ino), db=self._db["nodes"])
-            return None if data is None else _decode_node(ino, data)
+        with self.env.begin(buffers=True) as txn:
+            return self._node_in(txn, ino)
 
     def lookup(self, parent: int, name: bytes) -> Node | None:
-        with self.env.begin() as txn:
+        with self.env.begin(buffers=True) as txn:
+            files = self._files_in(txn, parent)
+            if files is not None:
+                entry = files.find(name)
+                return None if entry is None else _file_node(parent, entry)
             child = txn.get(_dirent_key(parent, name), db=self._db["dirents"])
-            if child is None:
-                return None
-            ino = _U64.unpack(child)[0]
-            data = txn.get(child, db=self._db["nodes"])
-            return None if data is None else _decode_node(ino, data)
+            return None if child is None else self._node_in(txn, _U64.unpack(child)[0])
 
     def entries(self, parent: int, after: bytes | None, limit: int) -> list[Node]:
         """Up to ``limit`` children of ``parent`` in name order, starting after ``after``."""
         prefix = _U64.pack(parent)
         out: list[Node] = []
-        with self.env.begin() as txn:
+        with self.env.begin(buffers=True) as txn:
+            files = self._files_in(txn, parent)
+            if files is not None:
+                return [_file_node(parent, e) for e in itertools.islice(files.after(after), limit)]
             cursor = txn.cursor(db=self._db["dirents"])
             start = prefix + (after or b"")
             if not cursor.set_range(start):
                 return out
-            nodes = self._db["nodes"]
-            for key, child in cursor:
+            for raw_key, child in cursor:
+                key = bytes(raw_key)
                 if not key.startswith(prefix):
                     break
                 if after is not None and key == start:
                     continue
-                data = txn.get(child, db=nodes)
-                if data is not None:
-                    out.append(_decode_node(_U64.unpack(child)[0], data))
+                node = self._node_in(txn, _U64.unpack(child)[0])
+                if node is not None:
+                    out.append(node)
                 if len(out) >= limit:
                     break
         return out
 
     def manifest(self, key: bytes) -> Manifest | None:
-        with self.env.begin() as txn:
-            data = txn.get(key, db=self._db["instances"])
-            return None if data is None else self._decode_in(txn, data)
+        with self.env.begin(buffers=True) as txn:
+            return self._manifest_in(txn, key)
 
     def manifest_bytes(self, key: bytes) -> bytes | None:
         """The manifest as stored at the sites (JSON), from its instance record."""
@@ -393,8 +655,9 @@ class Index:
             return txn.get(key, db=self._db["instances"]) is not None
 
     def find_ino(self, identity: bytes) -> int | None:
+        """The inode of an identity (see ``ids``; b"I\\0" + SOPInstanceUID: a file's)."""
         with self.env.begin() as txn:
-            value = txn.get(identity, db=self._db["ids"])
+            value = self._identity_in(txn, identity)
         return None if value is None else int(_U64.unpack(value)[0])
 
     def study_issuer(self, study_uid: str, patient_id: str) -> str | None:
@@ -416,10 +679,9 @@ class Index:
         parts = []
         with self.env.begin() as txn:
             while ino != ROOT_INO:
-                data = txn.get(_ino_key(ino), db=self._db["nodes"])
-                if data is None:
+                node = self._node_in(txn, ino)
+                if node is None:
                     break
-                node = _decode_node(ino, data)
                 parts.append(node.name.decode("utf-8", "surrogateescape"))
                 ino = node.parent
         return "/" + "/".join(reversed(parts))
@@ -429,29 +691,26 @@ class Index:
             return txn.get(bytes.fromhex(chunk_id), db=self._db["chunks"]) is not None
 
     def manifests(self) -> Iterator[bytes]:
-        """Every manifest as JSON (as at the sites), in instance-key order."""
+        """Every manifest as JSON (as at the sites), series by series."""
         for manifest in self.all_manifests():
             yield manifest.to_bytes()
     def all_manifests(self) -> Iterator[Manifest]:
-        """Every manifest, in instance-key order (a fresh transaction per batch)."""
-        after = b""
+        """Every manifest, series by series (a fresh transaction per batch of series)."""
+        after: bytes | None = None
         while True:
             batch: list[Manifest] = []
             with self.env.begin() as txn:
-                cursor = txn.cursor(db=self._db["instances"])
-                if not cursor.set_range(after):
-                    return
-                for key, value in cursor:
-                    if key == after:
-                        continue
-                    batch.append(self._decode_in(txn, value))
-                    last = bytes(key)
-                    if len(batch) >= 512:
-                        break
+                cursor = txn.cursor(db=self._db["files"])
+                found = cursor.first() if after is None else cursor.set_range(after)
+                if found and after is not None and cursor.key() == after:
+                    found = cursor.next()
+                while found and len(batch) < 512:
+                    after = bytes(cursor.key())
+                    batch += [self._decode_in(txn, e.record) for e in listing.View(cursor.value())]
+                    found = cursor.next()
             if not batch:
                 return
             yield from batch
-            after = last
 
     def chunk_ids(self) -> set[str]:
         with self.env.begin() as txn:
@@ -466,7 +725,7 @@ class Index:
             # A walk of every chunk: only where that is quick (the status file and
             # `animfs status` must not take minutes on a decade's index).
             chunk_bytes = (
-                sum(_CHUNK.unpack(v)[0] for _, v in txn.cursor(db=self._db["chunks"]))
+                sum(_chunk_fields(v)[0] for _, v in txn.cursor(db=self._db["chunks"]))
                 if stat["chunks"] < 100_000
                 else -1
             )
@@ -691,7 +950,6 @@ class Index:
     def _merged(self, txn: lmdb.Transaction, manifest: Manifest) -> Manifest:
         """``manifest`` with its placement agreed with this index (see :meth:`merge`)."""
         inst, p = manifest.instance, manifest.placement
-        ids, nodes = self._db["ids"], self._db["nodes"]
         levels = [
             (b"P\0" + inst.patient_key.encode(), inst.patient_key),
             (b"S\0" + inst.study_uid.encode(), inst.study_uid),
@@ -702,14 +960,13 @@ class Index:
         inos = [p.patient_ino, p.study_ino, p.series_ino, p.file_ino]
         parent = PATIENTS_INO
         for level, (identity, uid) in enumerate(levels):
-            found = txn.get(identity, db=ids)
+            found = self._identity_in(txn, identity)
             if found is not None:
                 inos[level] = _U64.unpack(found)[0]
-                names[level] = _decode_node(inos[level], txn.get(found, db=nodes)).name.decode()
+                names[level] = self._node_at(txn, inos[level]).name.decode()
             else:
-                taken = txn.get(_dirent_key(parent, names[level].encode()), db=self._db["dirents"])
-                if taken is not None:
-                    occupant = _U64.unpack(taken)[0]
+                occupant = self._child_in(txn, parent, names[level].encode())
+                if occupant is not None:
                     other = self._uid_below(txn, occupant, level)
                     if other is not None and uid < other:
                         new = self._free_name(txn, parent, names[level], other)
@@ -718,10 +975,10 @@ class Index:
                         names[level] = self._free_name(txn, parent, names[level], uid)
             parent = inos[level]
         link_ino, link_name = p.link_ino, p.link_name
-        found = txn.get(b"L\0" + inst.study_uid.encode(), db=ids)
+        found = self._identity_in(txn, b"L\0" + inst.study_uid.encode())
         if found is not None:
             link_ino = _U64.unpack(found)[0]
-            link_name = _decode_node(link_ino, txn.get(found, db=nodes)).name.decode()
+            link_name = self._node_at(txn, link_ino).name.decode()
         return manifest.with_placement(
             Placement(
                 names[0], names[1], names[2], names[3], inos[0], inos[1], inos[2], inos[3],
@@ -733,26 +990,29 @@ class Index:
         """The first of ``name``'s de-duplicated forms for ``uid`` that is free in ``parent``."""
         for n in range(100):
             candidate = unique_name(name, uid if n == 0 else f"{uid}\0{n}")
-            if txn.get(_dirent_key(parent, candidate.encode()), db=self._db["dirents"]) is None:
+            if self._child_in(txn, parent, candidate.encode()) is None:
                 return candidate
         raise IndexError_(f"no free name for {name!r} in folder {parent}")
 
     def _first_file(self, txn: lmdb.Transaction, ino: int) -> Node | None:
-        node = _decode_node(ino, txn.get(_ino_key(ino), db=self._db["nodes"]))
+        node = self._node_at(txn, ino)
         cursor = txn.cursor(db=self._db["dirents"])
         while node.kind == DIR:
+            files = self._files_in(txn, node.ino)
+            if files is not None:
+                first = next(iter(files), None)
+                return None if first is None else _file_node(node.ino, first)
             prefix = _U64.pack(node.ino)
             if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
                 return None
-            child = _U64.unpack(cursor.value())[0]
-            node = _decode_node(child, txn.get(cursor.value(), db=self._db["nodes"]))
+            node = self._node_at(txn, _U64.unpack(cursor.value())[0])
         return node if node.kind == FILE else None
 
     def _uid_below(self, txn: lmdb.Transaction, ino: int, level: int) -> str | None:
         """The identity (patient key, study, series or SOP instance UID at ``level``
         0..3) of the folder or file ``ino``, from the first instance below it."""
         node = self._first_file(txn, ino)
-        data = None if node is None else txn.get(node.instance, db=self._db["instances"])
+        data = None if node is None else self._record_in(txn, node.ino)
         if data is None:
             return None
         inst = self._decode_in(txn, data).instance
@@ -766,17 +1026,20 @@ class Index:
         ``new``, with everything that repeats the name: series records, instance
         records, and the study links under /studies and the views."""
         dbs = self._db
-        node = _decode_node(ino, txn.get(_ino_key(ino), db=dbs["nodes"]))
+        node = self._node_at(txn, ino)
+        if level == 3:  # a file's name is in its record, in its series' listing
+            files = self._staging(txn, node.parent)
+            entry = files.by_ino(ino)
+            assert entry is not None, f"inode {ino}: not in its series' listing"
+            manifest = self._decode_in(txn, entry.record)
+            moved = manifest.with_placement(dataclasses.replace(manifest.placement, file_name=new))
+            shared = txn.get(_ino_key(node.parent), db=dbs["series"])
+            files.put(listing.entry_of(entry.image, record.encode_instance(moved, shared)))
+            return
         txn.delete(_dirent_key(node.parent, node.name), db=dbs["dirents"])
         txn.put(_dirent_key(node.parent, new.encode()), _ino_key(ino), db=dbs["dirents"])
         txn.put(_ino_key(ino), _encode_node(dataclasses.replace(node, name=new.encode())),
                 db=dbs["nodes"])
-        if level == 3:
-            manifest = self._decode_in(txn, txn.get(node.instance, db=dbs["instances"]) or b"")
-            moved = manifest.with_placement(dataclasses.replace(manifest.placement, file_name=new))
-            shared = txn.get(_ino_key(node.parent), db=dbs["series"])
-            txn.put(node.instance, record.encode_instance(moved, shared), db=dbs["instances"])
-            return
         studies = [ino] if level == 1 else self._children(txn, ino) if level == 0 else []
         series = [ino] if level == 2 else [r for s in studies for r in self._children(txn, s)]
         field = ("patient_name", "study_name", "series_name")[level]
@@ -791,13 +1054,12 @@ class Index:
         """Point a study's links (/studies, /by-date, /by-modality) at its current path."""
         dbs = self._db
         node = self._first_file(txn, study)
-        data = None if node is None else txn.get(node.instance, db=dbs["instances"])
+        data = None if node is None else self._record_in(txn, node.ino)
         if data is None:
             return
         uid = self._decode_in(txn, data).instance.study_uid
-        study_node = _decode_node(study, txn.get(_ino_key(study), db=dbs["nodes"]))
-        patient = _decode_node(study_node.parent, txn.get(_ino_key(study_node.parent),
-                                                            db=dbs["nodes"]))
+        study_node = self._node_at(txn, study)
+        patient = self._node_at(txn, study_node.parent)
         path = f"patients/{patient.name.decode()}/{study_node.name.decode()}"
         modalities = set()
         for r in self._children(txn, study):
@@ -845,9 +1107,9 @@ class Index:
         taken: set[int] = set()
 
         def place(identity: bytes, parent: int, name: str, uid: str) -> tuple[int, str, bool]:
-            found = txn.get(identity, db=self._db["ids"])
+            found = self._identity_in(txn, identity)
             if found is not None:
-                node = _decode_node(_U64.unpack(found)[0], txn.get(found, db=self._db["nodes"]))
+                node = self._node_at(txn, _U64.unpack(found)[0])
                 if node.parent != parent:
                     raise Conflict(_conflict_message(identity))
                 return node.ino, node.name.decode(), False
@@ -859,7 +1121,7 @@ class Index:
             taken.add(ino)
             final = name
             for n in range(100):
-                if txn.get(_dirent_key(parent, final.encode()), db=self._db["dirents"]) is None:
+                if self._child_in(txn, parent, final.encode()) is None:
                     break
                 final = unique_name(name, uid if n == 0 else f"{uid}\0{n}")
             return ino, final, True
@@ -962,9 +1224,14 @@ class Index:
     ) -> None:
         inst, place = manifest.instance, manifest.placement
         dbs = self._db
-        if txn.get(b"I\0" + inst.sop_uid.encode(), db=dbs["ids"]) is not None:
+        if txn.get(manifest.key, db=dbs["instances"]) is not None:
             raise Conflict(f"SOPInstanceUID {inst.sop_uid} is already in the archive")
         t = manifest.ingested_ns
+        series_key = _ino_key(place.series_ino)
+        shared = txn.get(series_key, db=dbs["series"])
+        if shared is None:
+            shared = record.encode_series(manifest)
+            txn.put(series_key, shared, db=dbs["series"])
         chain = [
             (
                 b"P\0" + inst.patient_key.encode(),
@@ -1004,7 +1271,7 @@ class Index:
         ]
         new_dirs: set[int] = set()
         for identity, parent, ino, name, kind in chain:
-            found = txn.get(identity, db=dbs["ids"])
+            found = self._identity_in(txn, identity)
             if found is not None:
                 if _U64.unpack(found)[0] != ino:
                     raise StalePlan(identity.decode(errors="replace"))
@@ -1012,20 +1279,24 @@ class Index:
             name_b = name.encode()
             if (
                 txn.get(_ino_key(ino), db=dbs["nodes"]) is not None
-                or txn.get(_dirent_key(parent, name_b), db=dbs["dirents"]) is not None
+                or self._child_in(txn, parent, name_b) is not None
             ):
                 raise StalePlan(identity.decode(errors="replace"))
+            if kind == FILE:  # in its series' listing; its identity is its instance key
+                data = record.encode_instance(manifest, shared)
+                self._staging(txn, parent).put(listing.entry_of(0, data))
+                txn.put(_ino_key(ino), _in_series(parent), db=dbs["nodes"])
+                txn.put(manifest.key, _ino_key(ino), db=dbs["instances"])
+                continue
+            txn.put(_dirent_key(parent, name_b), _ino_key(ino), db=dbs["dirents"])
             if kind == DIR:
                 node = Node(ino, DIR, parent, name_b, t, 0)
                 new_dirs.add(ino)
-            elif kind == FILE:
-                node = Node(ino, FILE, parent, name_b, t, manifest.size, instance=manifest.key)
             else:
                 target = f"../patients/{place.patient_name}/{place.study_name}".encode()
                 node = Node(ino, LINK, parent, name_b, t, len(target), target=target)
                 new_dirs.add(ino)  # counts as a new entry of /studies
             txn.put(_ino_key(ino), _encode_node(node), db=dbs["nodes"])
-            txn.put(_dirent_key(parent, name_b), _ino_key(ino), db=dbs["dirents"])
             txn.put(identity, _ino_key(ino), db=dbs["ids"])
         # Every folder above the file: newest-entry mtime, counts and bytes below.
         ancestors = [
@@ -1049,17 +1320,11 @@ class Index:
                 acc[2], acc[3] = acc[2] + int(child in new_dirs), max(acc[3], t)
         self._add_views(txn, manifest)
         self._assign_media(txn, manifest)
-        series_key = _ino_key(place.series_ino)
-        shared = txn.get(series_key, db=dbs["series"])
-        if shared is None:
-            shared = record.encode_series(manifest)
-            txn.put(series_key, shared, db=dbs["series"])
-        txn.put(manifest.key, record.encode_instance(manifest, shared), db=dbs["instances"])
         for ref in manifest.chunks:
             key = bytes.fromhex(ref.id)
             old = txn.get(key, db=dbs["chunks"])
-            refs = _CHUNK.unpack(old)[1] if old is not None else 0
-            txn.put(key, _CHUNK.pack(ref.stored, refs + 1), db=dbs["chunks"])
+            refs = _chunk_fields(old)[1] if old is not None else 0
+            txn.put(key, _chunk_value(ref.stored, refs + 1), db=dbs["chunks"])
         _journal_put(txn, dbs["journal"], missed)
 
     def _add_views(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
@@ -1151,31 +1416,28 @@ class Index:
                 txn.put(_dirent_key(ROOT_INO, b"cd"), _ino_key(CD_INO), db=self._db["dirents"])
                 root = dataclasses.replace(root, subdirs=root.subdirs + 1)
                 txn.put(_ino_key(ROOT_INO), _encode_node(root), db=nodes)
-            earlier = [
-                self._decode_in(txn, v) for _, v in txn.cursor(db=self._db["instances"])
-            ]
-            for manifest in sorted(earlier, key=lambda m: m.ingested_ns):
+            for manifest in self._manifests_in(txn):
                 self._assign_media(txn, manifest)
             txn.put(b"media", b"1", db=self._db["meta"])
 
     def _assign_media(self, txn: lmdb.Transaction, manifest: Manifest) -> None:
-        """Give an instance its file ID on its patient's medium, unless it has one."""
+        """Give a new instance its file ID on its patient's medium (once: only when it
+        is committed, or when an index from before /cd is opened)."""
         db = self._db["media"]
-        key = b"f\0" + manifest.key
-        if txn.get(key, db=db) is not None:
-            return
         p = manifest.placement
         if txn.get(b"i\0" + CD_PATIENT.to_bytes() + _U64.pack(p.patient_ino), db=db) is None:
             for kind in (CD_PATIENT, CD_DICOMDIR, CD_README, CD_DICOM):
                 self._new_cd_ino(txn, kind, p.patient_ino, 0)
-        study = self._media_number(txn, CD_STUDY, p.patient_ino, p.study_ino)
-        series = self._media_number(txn, CD_SERIES, p.study_ino, p.series_ino)
-        image = self._media_number(txn, 0, p.series_ino, p.file_ino)
-        txn.put(key, _MEDIA_FILE.pack(study, series, image), db=db)
+        self._media_number(txn, CD_STUDY, p.patient_ino, p.study_ino)
+        self._media_number(txn, CD_SERIES, p.study_ino, p.series_ino)
+        files = self._staging(txn, p.series_ino)  # an image's number is in the listing
+        entry = files.by_ino(p.file_ino)
+        if entry is not None and entry.image == 0:
+            files.put(entry._replace(image=files.last_image + 1))
 
     def _media_number(self, txn: lmdb.Transaction, kind: int, parent: int, child: int) -> int:
-        """The number of ``child`` in ``parent`` (given now if it has none); a study and a
-        series also get their /cd inode (kind), an instance (kind 0) keeps its own."""
+        """The number of the study or series ``child`` in ``parent`` (given now if it has
+        none, with its /cd inode); an image's number is in its series' listing."""
         db = self._db["media"]
         if kind:
             found = txn.get(b"i\0" + kind.to_bytes() + _U64.pack(child), db=db)
@@ -1221,19 +1483,26 @@ class Index:
         """Up to ``limit`` (number, inode) numbered in ``parent``, numbers above ``after``."""
         prefix = b"e\0" + _U64.pack(parent)
         out: list[tuple[int, int]] = []
-        with self.env.begin() as txn:
+        with self.env.begin(buffers=True) as txn:
+            files = self._files_in(txn, parent)
+            if files is not None:
+                return [(e.image, e.ino) for e in itertools.islice(files.by_image(after), limit)]
             cursor = txn.cursor(db=self._db["media"])
             if not cursor.set_range(prefix + _U32.pack(after + 1)):
                 return out
             for key, value in cursor:
-                if not key.startswith(prefix) or len(out) >= limit:
+                if not bytes(key).startswith(prefix) or len(out) >= limit:
                     break
                 out.append((_U32.unpack(key[-4:])[0], _U64.unpack(value)[0]))
         return out
 
     def cd_child(self, parent: int, number: int) -> int | None:
         """The inode numbered ``number`` in ``parent``, or None."""
-        with self.env.begin() as txn:
+        with self.env.begin(buffers=True) as txn:
+            files = self._files_in(txn, parent)
+            if files is not None:
+                entry = next(files.by_image(number - 1), None)
+                return entry.ino if entry is not None and entry.image == number else None
             key = b"e\0" + _U64.pack(parent) + _U32.pack(number)
             value = txn.get(key, db=self._db["media"])
         return None if value is None else int(_U64.unpack(value)[0])
@@ -1241,7 +1510,7 @@ class Index:
     def media_manifests(self, patient: int) -> list[tuple[int, int, int, bytes]]:
         """(study, series, image number, manifest JSON) of every instance of a patient
         folder, in file ID order, read in one transaction."""
-        db, nodes, instances = self._db["media"], self._db["nodes"], self._db["instances"]
+        db = self._db["media"]
         out: list[tuple[int, int, int, bytes]] = []
         with self.env.begin() as txn:
             cursor = txn.cursor(db=db)
@@ -1259,12 +1528,10 @@ class Index:
 
             for study, study_ino in numbered(patient):
                 for series, series_ino in numbered(study_ino):
-                    for image, file_ino in numbered(series_ino):
-                        node = _decode_node(file_ino, txn.get(_ino_key(file_ino), db=nodes))
-                        data = txn.get(node.instance, db=instances)
-                        if data is not None:
-                            json_ = self._decode_in(txn, data).to_bytes()
-                            out.append((study, series, image, json_))
+                    files = self._files_in(txn, series_ino)
+                    for entry in files.by_image() if files is not None else ():
+                        json_ = self._decode_in(txn, entry.record).to_bytes()
+                        out.append((study, series, entry.image, json_))
         return out
 
     def _grow(
@@ -1349,11 +1616,15 @@ def check(index: Index, limit: int = 100) -> list[str]:
     dbs = index._db
     with index.env.begin() as txn:
         nodes: dict[int, Node] = {}
+        in_series: dict[int, int] = {}  # instance file -> the series its node names
         for key, value in txn.cursor(db=dbs["nodes"]):
             ino = _U64.unpack(key)[0]
+            if value[:1] == bytes([IN_SERIES]) and len(value) == 9:
+                in_series[ino] = _U64.unpack_from(value, 1)[0]
+                continue
             try:
                 nodes[ino] = _decode_node(ino, bytes(value))
-            except (struct.error, AssertionError) as exc:
+            except (struct.error, AssertionError, ValueError) as exc:
                 bad(f"inode {ino}: unreadable node record ({exc})")
 
         def path(ino: int) -> str:
@@ -1363,9 +1634,44 @@ def check(index: Index, limit: int = 100) -> list[str]:
                 ino = nodes[ino].parent
             return "/" + "/".join(reversed(parts))
 
-        # Names: dirents <-> nodes.
+        # Series listings: each file once, in name order, numbered 1..n, its node
+        # naming its series.
         children: dict[int, list[int]] = {}
         named: set[int] = set()
+        records: dict[int, bytes] = {}  # instance files' records
+        for key, value in txn.cursor(db=dbs["files"]):
+            series = _U64.unpack(key)[0]
+            try:
+                view = listing.View(bytes(value))
+                entries = list(view)
+                by_ino = [view.by_ino(e.ino) for e in entries]
+                by_name = [view.find(e.name) for e in entries]
+                images = [e.image for e in view.by_image()]
+            except ValueError as exc:
+                bad(f"{path(series)}: unreadable listing of its files ({exc})")
+                continue
+            names = [e.name for e in entries]
+            if names != sorted(set(names)):
+                bad(f"{path(series)}: its listing is not in name order, or names a file twice")
+            if by_ino != entries or by_name != entries:
+                bad(f"{path(series)}: its listing's tables by inode or name do not match it")
+            if images != list(range(1, len(entries) + 1)):
+                bad(f"{path(series)}: its files are not numbered 1..{len(entries)} on /cd")
+            for entry in entries:
+                if entry.ino in nodes or entry.ino in records:
+                    bad(f"{path(series)}/{entry.name!r}: inode {entry.ino} is taken twice")
+                elif in_series.get(entry.ino) != series:
+                    bad(f"{path(series)}/{entry.name!r}: its node does not name its folder")
+                else:
+                    nodes[entry.ino] = _file_node(series, entry)
+                    records[entry.ino] = entry.record
+                    named.add(entry.ino)
+                    children.setdefault(series, []).append(entry.ino)
+        for ino, series in in_series.items():
+            if ino not in records:
+                bad(f"inode {ino}: names series folder {path(series)}, which does not list it")
+
+        # Names: dirents <-> nodes.
         for key, value in txn.cursor(db=dbs["dirents"]):
             parent, name, child = _U64.unpack(key[:8])[0], bytes(key[8:]), _U64.unpack(value)[0]
             node = nodes.get(child)
@@ -1400,30 +1706,34 @@ def check(index: Index, limit: int = 100) -> list[str]:
             elif ino in identified:
                 bad(f"{path(ino)}: has two identities, {identified[ino]!r} and {identity!r}")
             identified[ino] = identity
+        instance_files: dict[bytes, int] = {}  # instance key -> file inode
+        for key, value in txn.cursor(db=dbs["instances"]):
+            ino = _U64.unpack(value)[0]
+            what = f"instance {bytes(key).hex()[:16]}"
+            if ino not in records:
+                bad(f"{what}: names inode {ino}, which is not an instance file")
+            elif ino in identified:
+                bad(f"{path(ino)}: has two identities, {identified[ino]!r} and {what}")
+            else:
+                identified[ino] = bytes(key)
+                instance_files[bytes(key)] = ino
         for ino in nodes:
             if ino >= FIRST_DYNAMIC_INO and ino not in identified:
                 bad(f"{path(ino)}: inode {ino} has no identity")
 
         # Instances: file <-> instance record <-> placement <-> chunk references.
-        files: dict[bytes, int] = {}
-        for ino, node in nodes.items():
-            if node.kind == FILE and ino >= FIRST_DYNAMIC_INO:
-                files[node.instance] = ino
         uses: dict[str, int] = {}
         stored: dict[str, int] = {}
-        for key, value in txn.cursor(db=dbs["instances"]):
+        for key, ino in instance_files.items():
             try:
-                manifest = index._decode_in(txn, value)
+                manifest = index._decode_in(txn, records[ino])
             except ValueError as exc:
-                bad(f"instance record {bytes(key).hex()[:16]}: {exc}")
+                bad(f"{path(ino)}: its instance record does not decode: {exc}")
                 continue
             what = f"instance {manifest.instance.sop_uid}"
             p = manifest.placement
-            if manifest.key != bytes(key):
+            if manifest.key != key:
                 bad(f"{what}: recorded under the key of another SOPInstanceUID")
-            ino = files.pop(bytes(key), None)
-            if ino is None:
-                bad(f"{what}: recorded, but no file shows it")
             elif ino != p.file_ino:
                 bad(f"{what}: placed at inode {p.file_ino}, shown as {path(ino)} (inode {ino})")
             else:
@@ -1438,22 +1748,20 @@ def check(index: Index, limit: int = 100) -> list[str]:
                     if node is None or (node.parent, node.name) != (parent, leaf.encode()):
                         bad(f"{what}: {path(node_ino)} is not where its placement puts it")
                         break
-                if nodes[ino].size != manifest.size:
-                    bad(f"{what}: {path(ino)} shows {nodes[ino].size} bytes of {manifest.size}")
-            if txn.get(b"I\0" + manifest.instance.sop_uid.encode(), db=dbs["ids"]) != _ino_key(
-                p.file_ino
-            ):
-                bad(f"{what}: its identity does not name inode {p.file_ino}")
             if sum(ref.size for ref in manifest.chunks) != manifest.size:
                 bad(f"{what}: its chunks do not add up to its {manifest.size} bytes")
             for ref in manifest.chunks:
                 uses[ref.id] = uses.get(ref.id, 0) + 1
                 stored[ref.id] = ref.stored
-        for ino in files.values():
-            bad(f"{path(ino)}: a file without an instance record (half-listed)")
+        for ino in records.keys() - instance_files.values():
+            bad(f"{path(ino)}: a file no instance key names (half-listed)")
         for key, value in txn.cursor(db=dbs["chunks"]):
             chunk = bytes(key).hex()
-            size, refs = _CHUNK.unpack(value)
+            try:
+                size, refs = _chunk_fields(value)
+            except ValueError:
+                bad(f"chunk {chunk[:16]}: unreadable value")
+                continue
             used = uses.pop(chunk, 0)
             if refs != used:
                 bad(f"chunk {chunk[:16]}: {refs} references recorded, {used} instances use it")

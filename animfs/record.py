@@ -74,6 +74,7 @@ _INOS = ("patient_ino", "study_ino", "series_ino", "link_ino")
 _SERIES_INOS = struct.Struct("<QQQQ")
 _HEAD = struct.Struct("<BBQQQ")
 _HEX = frozenset("0123456789abcdef")
+_UID_CHARS = frozenset("0123456789.")  # a DICOM UID: a name made of it needs no care
 
 
 class RecordError(ValueError):
@@ -252,6 +253,59 @@ def encode_instance(manifest: Manifest, series: bytes | memoryview | None = None
             if mask >> i & 1:
                 _put_value(out, kind, mine[i])
     return bytes(out)
+
+
+def _uvarint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """(value, next position) of the varint at ``pos``; IndexError past the end."""
+    b = data[pos]
+    if b < 0x80:  # nearly always: sizes and lengths of a few bytes
+        return b, pos + 1
+    n = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, pos
+        shift += 7
+
+
+def peek(data: bytes | memoryview) -> tuple[int, int, int, int, str, str]:
+    """(file inode, series inode, ingested_ns, size, file name, SOPInstanceUID) of an
+    instance record, compact or JSON, without its series record: what a file's
+    attributes and listing need, read on every lookup and listing, so kept lean.
+    Raises ValueError (:class:`RecordError`)."""
+    if not data or data[0] != TAG:
+        if data and data[0] == ord("{"):
+            m = Manifest.from_bytes(bytes(data))
+            p = m.placement
+            return (p.file_ino, p.series_ino, m.ingested_ns, m.size, p.file_name,
+                    m.instance.sop_uid)
+        raise RecordError("unknown instance record")
+    try:
+        _tag, flags, series_ino, file_ino, ingested_ns = _HEAD.unpack_from(data)
+        size, pos = _uvarint(data, _HEAD.size)
+        n, pos = _uvarint(data, pos)
+        sop_uid = bytes(data[pos : pos + n]).decode("utf-8", "surrogatepass")
+        pos += n
+        if flags & NAMED:
+            reader = _Reader(data, pos)
+            if not flags & NO_NUMBER:
+                reader.opt_int()
+            reader.raw(32)
+            for _ in range(reader.varint()):
+                reader.raw(32)
+                reader.varint()
+                reader.varint()
+            return file_ino, series_ino, ingested_ns, size, reader.str(), sop_uid
+        z = 0 if flags & NO_NUMBER else _uvarint(data, pos)[0]
+        number = 0 if z == 0 else (z - 1) // 2 if z % 2 else -z // 2
+    except (IndexError, struct.error, UnicodeDecodeError) as exc:
+        raise RecordError(f"truncated instance record ({exc})") from exc
+    name = f"{number:05d}_{sop_uid}.dcm"
+    if not (len(name) <= 255 and _UID_CHARS.issuperset(sop_uid)):  # else: safe already
+        name = safe_name(name)
+    return file_ino, series_ino, ingested_ns, size, name, sop_uid
 
 
 def series_ino_of(data: bytes | memoryview) -> int | None:

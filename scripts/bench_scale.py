@@ -80,8 +80,8 @@ def sample(index: Index, count: int, rng: random.Random) -> list[Manifest]:
                 break
             if not cursor.set_range(rng.randbytes(32)):
                 continue
-            manifest = index._decode_in(txn, cursor.value())
-            if manifest.institution == "CHL" and manifest.key not in seen:
+            manifest = index._manifest_in(txn, bytes(cursor.key()))
+            if manifest and manifest.institution == "CHL" and manifest.key not in seen:
                 seen.add(manifest.key)
                 out.append(manifest)
     return out

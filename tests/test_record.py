@@ -9,7 +9,7 @@ import gen_index
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from animfs import record
+from animfs import listing, record
 from animfs.chunks import ChunkRef
 from animfs.dicom import Instance
 from animfs.index import Index, check
@@ -67,6 +67,17 @@ def test_round_trip_against_own_and_other_series_record(m: Manifest, other: Mani
     assert record.decode(data, lambda ino: base) == m
 
 
+@settings(max_examples=300, deadline=None)
+@given(manifests())
+def test_peek_reads_what_decode_reads(m: Manifest) -> None:
+    data = record.encode_instance(m)  # compact, or JSON where it does not fit
+    p = m.placement
+    assert record.peek(data) == (
+        p.file_ino, p.series_ino, m.ingested_ns, m.size, p.file_name, m.instance.sop_uid
+    )
+    assert record.peek(m.to_bytes())[4] == p.file_name
+
+
 def test_typical_record_is_small() -> None:
     for seed in range(1, 6):
         m = next(gen_index.instances(1, seed=seed, start_ns=10**18))
@@ -109,3 +120,28 @@ def test_generator_fills_a_consistent_index(tmp_path: Path) -> None:
         assert again.manifest(m.key) is not None
     finally:
         again.close()
+
+
+def test_a_series_listing_finds_each_file_by_name_inode_and_number() -> None:
+    made = list(gen_index.instances(400, seed=8, start_ns=10**18))
+    series = [m for m in made if m.placement.series_ino == made[-1].placement.series_ino]
+    shared = record.encode_series(series[0])
+    files = listing.Listing()
+    for number, m in enumerate(reversed(series), 1):  # committed in another order
+        files.put(listing.entry_of(number, record.encode_instance(m, shared)))
+    renamed = dataclasses.replace(series[0].placement, file_name="zz_renamed.dcm")
+    files.put(listing.entry_of(len(series), record.encode_instance(
+        series[0].with_placement(renamed), shared)))
+    view = listing.View(files.encode())
+    names = [e.name for e in view]
+    assert len(view) == len(series) > 10 and names == sorted(names)
+    assert names[-1] == b"zz_renamed.dcm" and list(view) == list(files)
+    for entry in files:
+        assert view.find(entry.name) == entry == view.by_ino(entry.ino)
+    assert [e.image for e in view.by_image()] == list(range(1, len(series) + 1))
+    assert [e.image for e in view.by_image(5)] == list(range(6, len(series) + 1))
+    assert [e.name for e in view.after(names[3])] == names[4:]
+    assert view.find(b"00001_no-such.dcm") is None and view.by_ino(1) is None
+    found = view.find(b"zz_renamed.dcm")
+    assert found is not None
+    assert record.decode(found.record, lambda ino: shared) == series[0].with_placement(renamed)
