@@ -2,9 +2,15 @@
 stored chunks (:mod:`animfs.diskcache`), single-flight fetches and read-ahead.
 
 Everything here runs on the trio thread except :meth:`ChunkCache._fetch_sync`,
-which does the blocking work (disk cache, site I/O, zstd, SHA-256) in a worker
-thread under a capacity limiter.  Two readers that need the same chunk share
-one fetch.
+which does the blocking work (disk cache, site I/O, zstd, AES-GCM) in a worker
+thread.  Two readers that need the same chunk share one fetch.
+
+Fetches wait on two different things, so they are bounded twice: up to
+:data:`FETCH_THREADS` are in flight (waiting on a disk or a site: enough to
+hide a remote site's latency behind the reader), but at most
+:data:`CHECK_THREADS` (the cores) check and decompress at once, so that
+decompression ahead of the reader never crowds the trio thread and the reader
+itself off the CPU.
 
 Backup reads (``bypass=True``) stream past both caches: they are served from
 what is cached but promote nothing, fill nothing and evict nothing.  What read-
@@ -14,6 +20,8 @@ ahead fetches for them waits in a small stream buffer of its own until read.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,7 +38,8 @@ from animfs.store.dual import DualStore, NoGoodCopy
 
 log = logging.getLogger(__name__)
 
-FETCH_THREADS = 4  # concurrent chunk fetches (site I/O + decompression)
+FETCH_THREADS = 16  # chunk fetches in flight (disk cache or site I/O, then the check)
+CHECK_THREADS = min(4, os.cpu_count() or 1)  # of which checking and decompressing at once
 READ_AHEAD = 8  # chunks fetched ahead of a sequential reader (32 MiB)
 STREAM_BYTES = 64 << 20  # backup read-ahead waiting to be read (not in the memory LRU)
 HOUSEKEEPING_SECONDS = 5.0  # how often the disk cache's stats are saved and the folder watched
@@ -57,12 +66,15 @@ class CacheStats:
     streamed: int = 0  # chunks read for the backup role
 
 
-def check_stored(ref: ChunkRef, stored: bytes, keys: KeyRing | None = None) -> bytes:
+def check_stored(
+    ref: ChunkRef, stored: bytes, keys: KeyRing | None = None, *, rehash: bool = True
+) -> bytes:
     """The plain bytes of a chunk as a site (or the disk cache) stores it; raises
     CorruptObject for a copy that does not decompress or match its id, or is
-    sealed under a key ``keys`` lacks (wrong key, or tampered): never served."""
+    sealed under a key ``keys`` lacks (wrong key, or tampered): never served.
+    ``rehash=False``: a sealed copy is checked by its seal alone (:func:`chunks.unseal`)."""
     try:
-        return chunks.unseal(ref.id, stored, ref.size, keys)
+        return chunks.unseal(ref.id, stored, ref.size, keys, rehash=rehash)
     except CorruptChunk as exc:
         raise CorruptObject("", chunks.chunk_key(ref.id), str(exc)) from exc
 
@@ -86,6 +98,7 @@ class ChunkCache:
         self.disk = disk
         self.keys = keys  # opens sealed chunks; the disk cache holds them sealed
         self.limiter = trio.CapacityLimiter(FETCH_THREADS)
+        self._checking = threading.BoundedSemaphore(CHECK_THREADS)
         self.stats = CacheStats()
         self._lru: OrderedDict[str, bytes] = OrderedDict()
         self._lru_bytes = 0
@@ -180,7 +193,8 @@ class ChunkCache:
 
     def _fetch_sync(self, ref: ChunkRef, bypass: bool) -> bytes:
         def check(stored: bytes) -> bytes:
-            return check_stored(ref, stored, self.keys)
+            with self._checking:
+                return check_stored(ref, stored, self.keys, rehash=False)
 
         if self.disk is not None:
             cached = self.disk.get(ref.id, check, promote=not bypass)

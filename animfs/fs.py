@@ -23,7 +23,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 
@@ -420,22 +420,27 @@ class Operations(pyfuse3.Operations):
         if off >= end:
             return b""
         first, last = off // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        # The chunks this read needs are asked for before the read-ahead, so that
+        # they are not queued behind it.
+        self.cache.prefetch(f.chunks[first : last + 1], bypass=f.bypass)
         if off == f.next_offset or off == 0:
             self.cache.prefetch(f.chunks[last + 1 : last + 1 + READ_AHEAD], bypass=f.bypass)
         f.next_offset = end
-        parts = []
+        parts: list[memoryview] = []
         try:
             for i in range(first, last + 1):
                 data = await self.cache.get(f.chunks[i], bypass=f.bypass)
                 start = off - i * CHUNK_SIZE if i == first else 0
                 stop = end - i * CHUNK_SIZE if i == last else len(data)
-                parts.append(data[start:stop] if (start, stop) != (0, len(data)) else data)
+                parts.append(memoryview(data)[start:stop])
         except ChunkUnavailable as exc:
             log.error("read of inode %d at %d failed: %s", f.node.ino, off, exc)
             self.counters.read_errors += 1
             raise pyfuse3.FUSEError(errno.EIO) from None
         self.counters.read_bytes += end - off
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        # pyfuse3 replies from any contiguous buffer: a view of the cached chunk saves
+        # copying up to 1 MiB per request on the trio thread.
+        return cast(bytes, parts[0] if len(parts) == 1 else b"".join(parts))
 
     @handler
     async def release(self, fh: int) -> None:
