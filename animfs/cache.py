@@ -10,7 +10,8 @@ Fetches wait on two different things, so they are bounded twice: up to
 hide a remote site's latency behind the reader), but at most
 :data:`CHECK_THREADS` (the cores) check and decompress at once, so that
 decompression ahead of the reader never crowds the trio thread and the reader
-itself off the CPU.
+itself off the CPU.  A chunk a reader is waiting for goes before read-ahead
+in the queue for those (:class:`_CheckSlots`).
 
 Backup reads (``bypass=True``) stream past both caches: they are served from
 what is cached but promote nothing, fill nothing and evict nothing.  What read-
@@ -24,7 +25,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -55,6 +57,48 @@ class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
+    wanted: bool = False  # a reader waits for it (set on the trio thread, read by workers)
+
+
+class _CheckSlots:
+    """At most ``n`` threads check and decompress at once, and a chunk that a reader
+    waits for goes before read-ahead: read-ahead that has caught up must not make
+    the reader wait behind the chunks it will need only later.
+
+    Used from worker threads; :meth:`wake` also from the trio thread (the lock is
+    held only to count, never while anything is decompressed)."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._wanted_waiting = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def slot(self, flight: _Flight) -> Iterator[None]:
+        with self._cond:
+            counted = False
+            while True:
+                wanted = flight.wanted
+                if wanted and not counted:
+                    self._wanted_waiting += 1
+                    counted = True
+                if self._free and (wanted or not self._wanted_waiting):
+                    break
+                self._cond.wait()
+            if counted:
+                self._wanted_waiting -= 1
+            self._free -= 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += 1
+                self._cond.notify_all()
+
+    def wake(self) -> None:
+        """A flight became wanted: let its thread see that, if it waits for a slot."""
+        with self._cond:
+            self._cond.notify_all()
 
 
 @dataclass
@@ -98,7 +142,7 @@ class ChunkCache:
         self.disk = disk
         self.keys = keys  # opens sealed chunks; the disk cache holds them sealed
         self.limiter = trio.CapacityLimiter(FETCH_THREADS)
-        self._checking = threading.BoundedSemaphore(CHECK_THREADS)
+        self._checking = _CheckSlots(CHECK_THREADS)
         self.stats = CacheStats()
         self._lru: OrderedDict[str, bytes] = OrderedDict()
         self._lru_bytes = 0
@@ -145,7 +189,10 @@ class ChunkCache:
                 return data
         flight = self._flights.get(ref.id)
         if flight is None:
-            flight = self._start(ref, bypass)
+            flight = self._start(ref, bypass, wanted=True)
+        elif not flight.wanted:
+            flight.wanted = True
+            self._checking.wake()
         await flight.done.wait()
         if flight.error is not None:
             raise ChunkUnavailable(str(flight.error)) from flight.error
@@ -161,15 +208,15 @@ class ChunkCache:
                 if not (bypass and ref.id in self._stream):
                     self._start(ref, bypass)
 
-    def _start(self, ref: ChunkRef, bypass: bool = False) -> _Flight:
-        flight = self._flights[ref.id] = _Flight(bypass)
+    def _start(self, ref: ChunkRef, bypass: bool = False, *, wanted: bool = False) -> _Flight:
+        flight = self._flights[ref.id] = _Flight(bypass, wanted=wanted)
         self.nursery.start_soon(self._fetch, ref, flight)
         return flight
 
     async def _fetch(self, ref: ChunkRef, flight: _Flight) -> None:
         try:
             data = await trio.to_thread.run_sync(
-                self._fetch_sync, ref, flight.bypass, limiter=self.limiter
+                self._fetch_sync, ref, flight, limiter=self.limiter
             )
         except NoGoodCopy as exc:
             log.error("chunk %s: %s", ref.id[:16], exc)
@@ -191,9 +238,11 @@ class ChunkCache:
             del self._flights[ref.id]
             flight.done.set()
 
-    def _fetch_sync(self, ref: ChunkRef, bypass: bool) -> bytes:
+    def _fetch_sync(self, ref: ChunkRef, flight: _Flight) -> bytes:
+        bypass = flight.bypass
+
         def check(stored: bytes) -> bytes:
-            with self._checking:
+            with self._checking.slot(flight):
                 return check_stored(ref, stored, self.keys, rehash=False)
 
         if self.disk is not None:

@@ -44,6 +44,7 @@ FOLDER_ATTR_TIMEOUT = 1.0
 BLOCK = 512
 SERIES_AHEAD = 8  # following files of a folder fetched when one is opened ...
 SERIES_CHUNKS = 2  # ... up to this many chunks of each
+SEQUENTIAL_SLACK = CHUNK_SIZE  # a read this close to where the last one ended is sequential
 PREFETCHED_MEMORY = 4096  # inodes remembered as prefetched, so each is fetched once
 
 P = ParamSpec("P")
@@ -66,11 +67,19 @@ def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
     return wrapped
 
 
+def _sequential(off: int, next_offset: int) -> bool:
+    """Does a read at ``off`` continue a sequential reader that has read up to
+    ``next_offset``?  Not only at exactly that offset: the kernel's read-ahead sends
+    several requests at once, and they may be handled out of order (a request for
+    5 MiB before the one for 4 MiB), which must not stop the read-ahead."""
+    return off == 0 or abs(off - next_offset) <= SEQUENTIAL_SLACK
+
+
 @dataclass
 class OpenFile:
     node: Node
     chunks: tuple[ChunkRef, ...]
-    next_offset: int = 0  # where a sequential reader reads next
+    next_offset: int = 0  # the furthest end read so far: where a sequential reader goes on
     bypass: bool = False  # a backup read: streams past the caches
 
 
@@ -423,9 +432,9 @@ class Operations(pyfuse3.Operations):
         # The chunks this read needs are asked for before the read-ahead, so that
         # they are not queued behind it.
         self.cache.prefetch(f.chunks[first : last + 1], bypass=f.bypass)
-        if off == f.next_offset or off == 0:
+        if _sequential(off, f.next_offset):
             self.cache.prefetch(f.chunks[last + 1 : last + 1 + READ_AHEAD], bypass=f.bypass)
-        f.next_offset = end
+        f.next_offset = max(f.next_offset, end)
         parts: list[memoryview] = []
         try:
             for i in range(first, last + 1):
