@@ -65,40 +65,46 @@ class _CheckSlots:
     waits for goes before read-ahead: read-ahead that has caught up must not make
     the reader wait behind the chunks it will need only later.
 
-    Used from worker threads; :meth:`wake` also from the trio thread (the lock is
-    held only to count, never while anything is decompressed)."""
+    A freed slot is handed to the first waiting flight that is wanted, else to the
+    first waiting one.  Used from worker threads; the lock is held only to count,
+    never while anything is decompressed."""
 
     def __init__(self, n: int) -> None:
         self._free = n
-        self._wanted_waiting = 0
-        self._cond = threading.Condition()
+        self._waiting: list[tuple[_Flight, threading.Event]] = []
+        self._lock = threading.Lock()
 
     @contextmanager
     def slot(self, flight: _Flight) -> Iterator[None]:
-        with self._cond:
-            counted = False
-            while True:
-                wanted = flight.wanted
-                if wanted and not counted:
-                    self._wanted_waiting += 1
-                    counted = True
-                if self._free and (wanted or not self._wanted_waiting):
-                    break
-                self._cond.wait()
-            if counted:
-                self._wanted_waiting -= 1
-            self._free -= 1
+        with self._lock:
+            turn = None
+            if self._free and not self._waiting:
+                self._free -= 1
+            else:
+                turn = threading.Event()
+                self._waiting.append((flight, turn))
+        if turn is not None:
+            turn.wait()  # until a slot is handed over
         try:
             yield
         finally:
-            with self._cond:
-                self._free += 1
-                self._cond.notify_all()
+            with self._lock:
+                handed = self._hand_over()
+                if not handed:
+                    self._free += 1
 
-    def wake(self) -> None:
-        """A flight became wanted: let its thread see that, if it waits for a slot."""
-        with self._cond:
-            self._cond.notify_all()
+    def _hand_over(self) -> bool:
+        """Give the slot being freed to the next waiter (lock held)."""
+        if not self._waiting:
+            return False
+        wanted = (i for i, (flight, _) in enumerate(self._waiting) if flight.wanted)
+        _, turn = self._waiting.pop(next(wanted, 0))
+        turn.set()
+        return True
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
 
 
 @dataclass
@@ -190,9 +196,8 @@ class ChunkCache:
         flight = self._flights.get(ref.id)
         if flight is None:
             flight = self._start(ref, bypass, wanted=True)
-        elif not flight.wanted:
-            flight.wanted = True
-            self._checking.wake()
+        else:
+            flight.wanted = True  # read when a decompression slot is handed over
         await flight.done.wait()
         if flight.error is not None:
             raise ChunkUnavailable(str(flight.error)) from flight.error
