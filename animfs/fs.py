@@ -79,7 +79,7 @@ def _sequential(off: int, next_offset: int) -> bool:
 class OpenFile:
     node: Node
     chunks: tuple[ChunkRef, ...]
-    next_offset: int = 0  # the furthest end read so far: where a sequential reader goes on
+    next_offset: int = 0  # the furthest end read since the last seek: where a reader goes on
     bypass: bool = False  # a backup read: streams past the caches
 
 
@@ -429,12 +429,11 @@ class Operations(pyfuse3.Operations):
         if off >= end:
             return b""
         first, last = off // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
-        # The chunks this read needs are asked for before the read-ahead, so that
-        # they are not queued behind it.
-        self.cache.prefetch(f.chunks[first : last + 1], bypass=f.bypass)
         if _sequential(off, f.next_offset):
             self.cache.prefetch(f.chunks[last + 1 : last + 1 + READ_AHEAD], bypass=f.bypass)
-        f.next_offset = max(f.next_offset, end)
+            f.next_offset = max(f.next_offset, end)
+        else:  # a seek: a sequential reader may go on from here
+            f.next_offset = end
         parts: list[memoryview] = []
         try:
             for i in range(first, last + 1):
