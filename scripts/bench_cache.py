@@ -3,7 +3,8 @@
 hot set's hit rate before and after a backup read of 10x the cache.
 
     .venv/bin/python scripts/bench_cache.py [--workdir DIR] [--total-mb 500] [--large-mb 200]
-                                            [--repeat 3] [--only warm,series,series-s3,backup]
+                                            [--repeat 3] [--site-latency-ms 20]
+                                            [--only warm,series,series-s3,series-s3-far,backup]
 
 Needs root (drops the page cache, mounts, reads as other uids with setpriv).  Each
 figure is measured --repeat times, alternating with its baseline; medians are shown.
@@ -19,7 +20,9 @@ figure is measured --repeat times, alternating with its baseline; medians are sh
    ``series`` uses the local folder sites of ``animfs init``; ``series-s3`` the same
    with both sites on moto S3 servers on 127.0.0.1 (as scripts/bench_sites.py starts
    them; moto runs on the same cores, so this is neither a remote site's latency nor
-   its throughput, only a site that costs a request per chunk).
+   its throughput, only a site that costs a request per chunk).  ``series-s3-far``
+   reads the same through a proxy that holds every request --site-latency-ms before
+   passing it on to moto: a site a network round trip away, as production's are.
 3. Hot set: a clinician reads one series (the hot set) into a disk cache capped
    at --cap-mb; its hit rate is measured on a re-read through a fresh mount,
    before and after the backup role reads the whole archive (>= 10x the cap).
@@ -33,10 +36,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -202,11 +207,55 @@ def bench_series(work: Path, repeat: int) -> None:
     series_runs(a, repeat, "series of 300 x 0.5 MB, cold")
 
 
-def bench_series_s3(work: Path, repeat: int) -> None:
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 that holds everything a client sends for ``delay``
+    seconds before passing it on (answers go back at once): each request to the site
+    behind it costs that much more, as a round trip to another data centre would."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port, self.delay = target_port, delay
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                return
+            server.settimeout(None)
+            for src, dst, delay in ((client, server, self.delay), (server, client, 0.0)):
+                threading.Thread(target=self._pump, args=(src, dst, delay), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                time.sleep(delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def bench_series_s3(work: Path, repeat: int, latency_ms: float = 0.0) -> None:
+    """The series read with both sites on moto S3 servers, through a DelayProxy of
+    ``latency_ms`` if given (ingest goes to moto directly: only the reads are timed)."""
     from bench_sites import ENV, PREFIX, Server
 
     os.environ.update(ENV)  # moto's credentials, for the mount and ingest processes
     servers = [Server("a", work), Server("b", work)]
+    proxies: list[DelayProxy] = []
     try:
         for server in servers:
             server.start()
@@ -219,8 +268,18 @@ def bench_series_s3(work: Path, repeat: int) -> None:
                           f'endpoint_url = "{server.endpoint}"\nregion = "us-east-1"', text)
         a.config.write_text(re.sub(r"repair_interval = \d+", "repair_interval = 86400", text))
         a.run("ingest", str(series_input(work)))
-        series_runs(a, repeat, "series of 300 x 0.5 MB, cold, S3")
+        name = "series of 300 x 0.5 MB, cold, S3"
+        if latency_ms:
+            text = a.config.read_text()
+            for server in servers:
+                proxies.append(DelayProxy(server.port, latency_ms / 1000))
+                text = text.replace(server.endpoint, proxies[-1].endpoint)
+            a.config.write_text(text)
+            name += f" +{latency_ms:g} ms"
+        series_runs(a, repeat, name)
     finally:
+        for proxy in proxies:
+            proxy.close()
         for server in servers:
             server.stop()
 
@@ -293,7 +352,8 @@ def main() -> None:
     parser.add_argument("--large-mb", type=int, default=200)
     parser.add_argument("--cap-mb", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="warm,series,series-s3,backup")
+    parser.add_argument("--site-latency-ms", type=float, default=20.0)
+    parser.add_argument("--only", default="warm,series,series-s3,series-s3-far,backup")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_cache.py: run as root (it drops the page cache, mounts, and reads "
@@ -312,6 +372,7 @@ def main() -> None:
         "warm": lambda: bench_warm(work, source, args.repeat),
         "series": lambda: bench_series(work, args.repeat),
         "series-s3": lambda: bench_series_s3(work, args.repeat),
+        "series-s3-far": lambda: bench_series_s3(work, args.repeat, args.site_latency_ms),
         "backup": lambda: bench_backup(work, source, args.cap_mb),
     }
     for name in args.only.split(","):
