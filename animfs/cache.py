@@ -2,9 +2,16 @@
 stored chunks (:mod:`animfs.diskcache`), single-flight fetches and read-ahead.
 
 Everything here runs on the trio thread except :meth:`ChunkCache._fetch_sync`,
-which does the blocking work (disk cache, site I/O, zstd, SHA-256) in a worker
-thread under a capacity limiter.  Two readers that need the same chunk share
-one fetch.
+which does the blocking work (disk cache, site I/O, zstd, AES-GCM) in a worker
+thread.  Two readers that need the same chunk share one fetch.
+
+Fetches wait on two different things, so they are bounded twice: up to
+:data:`FETCH_THREADS` are in flight (waiting on a disk or a site: enough to
+hide a remote site's latency behind the reader), but at most
+:data:`CHECK_THREADS` (the cores) check and decompress at once, so that
+decompression ahead of the reader never crowds the trio thread and the reader
+itself off the CPU.  A chunk a reader is waiting for goes before read-ahead
+in the queue for those (:class:`_CheckSlots`).
 
 Backup reads (``bypass=True``) stream past both caches: they are served from
 what is cached but promote nothing, fill nothing and evict nothing.  What read-
@@ -14,9 +21,12 @@ ahead fetches for them waits in a small stream buffer of its own until read.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -30,7 +40,8 @@ from animfs.store.dual import DualStore, NoGoodCopy
 
 log = logging.getLogger(__name__)
 
-FETCH_THREADS = 4  # concurrent chunk fetches (site I/O + decompression)
+FETCH_THREADS = 16  # chunk fetches in flight (disk cache or site I/O, then the check)
+CHECK_THREADS = min(4, os.cpu_count() or 1)  # of which checking and decompressing at once
 READ_AHEAD = 8  # chunks fetched ahead of a sequential reader (32 MiB)
 STREAM_BYTES = 64 << 20  # backup read-ahead waiting to be read (not in the memory LRU)
 HOUSEKEEPING_SECONDS = 5.0  # how often the disk cache's stats are saved and the folder watched
@@ -46,6 +57,54 @@ class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
+    wanted: bool = False  # a reader waits for it (set on the trio thread, read by workers)
+
+
+class _CheckSlots:
+    """At most ``n`` threads check and decompress at once, and a chunk that a reader
+    waits for goes before read-ahead: read-ahead that has caught up must not make
+    the reader wait behind the chunks it will need only later.
+
+    A freed slot is handed to the first waiting flight that is wanted, else to the
+    first waiting one.  Used from worker threads; the lock is held only to count,
+    never while anything is decompressed."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiting: list[tuple[_Flight, threading.Event]] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def slot(self, flight: _Flight) -> Iterator[None]:
+        with self._lock:
+            turn = None
+            if self._free and not self._waiting:
+                self._free -= 1
+            else:
+                turn = threading.Event()
+                self._waiting.append((flight, turn))
+        if turn is not None:
+            turn.wait()  # until a slot is handed over
+        try:
+            yield
+        finally:
+            with self._lock:
+                handed = self._hand_over()
+                if not handed:
+                    self._free += 1
+
+    def _hand_over(self) -> bool:
+        """Give the slot being freed to the next waiter (lock held)."""
+        if not self._waiting:
+            return False
+        wanted = (i for i, (flight, _) in enumerate(self._waiting) if flight.wanted)
+        _, turn = self._waiting.pop(next(wanted, 0))
+        turn.set()
+        return True
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
 
 
 @dataclass
@@ -57,12 +116,15 @@ class CacheStats:
     streamed: int = 0  # chunks read for the backup role
 
 
-def check_stored(ref: ChunkRef, stored: bytes, keys: KeyRing | None = None) -> bytes:
+def check_stored(
+    ref: ChunkRef, stored: bytes, keys: KeyRing | None = None, *, rehash: bool = True
+) -> bytes:
     """The plain bytes of a chunk as a site (or the disk cache) stores it; raises
     CorruptObject for a copy that does not decompress or match its id, or is
-    sealed under a key ``keys`` lacks (wrong key, or tampered): never served."""
+    sealed under a key ``keys`` lacks (wrong key, or tampered): never served.
+    ``rehash=False``: a sealed copy is checked by its seal alone (:func:`chunks.unseal`)."""
     try:
-        return chunks.unseal(ref.id, stored, ref.size, keys)
+        return chunks.unseal(ref.id, stored, ref.size, keys, rehash=rehash)
     except CorruptChunk as exc:
         raise CorruptObject("", chunks.chunk_key(ref.id), str(exc)) from exc
 
@@ -86,6 +148,7 @@ class ChunkCache:
         self.disk = disk
         self.keys = keys  # opens sealed chunks; the disk cache holds them sealed
         self.limiter = trio.CapacityLimiter(FETCH_THREADS)
+        self._checking = _CheckSlots(CHECK_THREADS)
         self.stats = CacheStats()
         self._lru: OrderedDict[str, bytes] = OrderedDict()
         self._lru_bytes = 0
@@ -132,7 +195,9 @@ class ChunkCache:
                 return data
         flight = self._flights.get(ref.id)
         if flight is None:
-            flight = self._start(ref, bypass)
+            flight = self._start(ref, bypass, wanted=True)
+        else:
+            flight.wanted = True  # read when a decompression slot is handed over
         await flight.done.wait()
         if flight.error is not None:
             raise ChunkUnavailable(str(flight.error)) from flight.error
@@ -148,15 +213,15 @@ class ChunkCache:
                 if not (bypass and ref.id in self._stream):
                     self._start(ref, bypass)
 
-    def _start(self, ref: ChunkRef, bypass: bool = False) -> _Flight:
-        flight = self._flights[ref.id] = _Flight(bypass)
+    def _start(self, ref: ChunkRef, bypass: bool = False, *, wanted: bool = False) -> _Flight:
+        flight = self._flights[ref.id] = _Flight(bypass, wanted=wanted)
         self.nursery.start_soon(self._fetch, ref, flight)
         return flight
 
     async def _fetch(self, ref: ChunkRef, flight: _Flight) -> None:
         try:
             data = await trio.to_thread.run_sync(
-                self._fetch_sync, ref, flight.bypass, limiter=self.limiter
+                self._fetch_sync, ref, flight, limiter=self.limiter
             )
         except NoGoodCopy as exc:
             log.error("chunk %s: %s", ref.id[:16], exc)
@@ -178,9 +243,12 @@ class ChunkCache:
             del self._flights[ref.id]
             flight.done.set()
 
-    def _fetch_sync(self, ref: ChunkRef, bypass: bool) -> bytes:
+    def _fetch_sync(self, ref: ChunkRef, flight: _Flight) -> bytes:
+        bypass = flight.bypass
+
         def check(stored: bytes) -> bytes:
-            return check_stored(ref, stored, self.keys)
+            with self._checking.slot(flight):
+                return check_stored(ref, stored, self.keys, rehash=False)
 
         if self.disk is not None:
             cached = self.disk.get(ref.id, check, promote=not bypass)

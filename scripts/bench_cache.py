@@ -3,7 +3,8 @@
 hot set's hit rate before and after a backup read of 10x the cache.
 
     .venv/bin/python scripts/bench_cache.py [--workdir DIR] [--total-mb 500] [--large-mb 200]
-                                            [--repeat 3] [--only warm,series,backup]
+                                            [--repeat 3] [--site-latency-ms 20]
+                                            [--only warm,series,series-s3,series-s3-far,backup]
 
 Needs root (drops the page cache, mounts, reads as other uids with setpriv).  Each
 figure is measured --repeat times, alternating with its baseline; medians are shown.
@@ -16,6 +17,12 @@ figure is measured --repeat times, alternating with its baseline; medians are sh
 2. Series: 300 files of 0.5 MB (one series), each opened, read and closed in
    order, cold (drop_caches, fresh mount, empty disk cache: every chunk from the
    sites).  With ``[cache] series_prefetch = 8`` vs ``0`` (off).  Target >= 3x.
+   ``series`` uses the local folder sites of ``animfs init``; ``series-s3`` the same
+   with both sites on moto S3 servers on 127.0.0.1 (as scripts/bench_sites.py starts
+   them; moto runs on the same cores, so this is neither a remote site's latency nor
+   its throughput, only a site that costs a request per chunk).  ``series-s3-far``
+   reads the same through a proxy that holds every request --site-latency-ms before
+   passing it on to moto: a site a network round trip away, as production's are.
 3. Hot set: a clinician reads one series (the hot set) into a disk cache capped
    at --cap-mb; its hit rate is measured on a re-read through a fresh mount,
    before and after the backup role reads the whole archive (>= 10x the cap).
@@ -29,10 +36,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -182,15 +191,100 @@ def bench_warm(work: Path, source: Path, repeat: int) -> None:
            ">= 0.6x and >= 500 MB/s")
 
 
-def bench_series(work: Path, repeat: int) -> None:
+def series_input(work: Path) -> Path:
     source = work / "series-input"
     if not source.is_dir():
         gen_dicom.write_series(source, patient_id="S300", patient_name="Series^Test",
                                n_slices=300, rows=512, cols=512, modality="CT",
                                study_description="CT Series", series_description="Axial",
                                institution_name="CHL", seed=9)
+    return source
+
+
+def bench_series(work: Path, repeat: int) -> None:
     a = Archive(work / "series", cache_mb=100_000)
-    a.run("ingest", str(source))
+    a.run("ingest", str(series_input(work)))
+    series_runs(a, repeat, "series of 300 x 0.5 MB, cold")
+
+
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 that holds everything a client sends for ``delay``
+    seconds before passing it on (answers go back at once): each request to the site
+    behind it costs that much more, as a round trip to another data centre would."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port, self.delay = target_port, delay
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                return
+            server.settimeout(None)
+            for src, dst, delay in ((client, server, self.delay), (server, client, 0.0)):
+                threading.Thread(target=self._pump, args=(src, dst, delay), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                time.sleep(delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def bench_series_s3(work: Path, repeat: int, latency_ms: float = 0.0) -> None:
+    """The series read with both sites on moto S3 servers, through a DelayProxy of
+    ``latency_ms`` if given (ingest goes to moto directly: only the reads are timed)."""
+    from bench_sites import ENV, PREFIX, Server
+
+    os.environ.update(ENV)  # moto's credentials, for the mount and ingest processes
+    servers = [Server("a", work), Server("b", work)]
+    proxies: list[DelayProxy] = []
+    try:
+        for server in servers:
+            server.start()
+            server.client().create_bucket(Bucket="site")  # type: ignore[attr-defined]
+        a = Archive(work / "series-s3", cache_mb=100_000)
+        text = a.config.read_text()
+        for name, server in zip(("site-a", "site-b"), servers, strict=True):
+            text = re.sub(rf'name = "{name}"\nurl = "[^"]*"',
+                          f'name = "{name}"\nurl = "s3://site/{PREFIX}"\n'
+                          f'endpoint_url = "{server.endpoint}"\nregion = "us-east-1"', text)
+        a.config.write_text(re.sub(r"repair_interval = \d+", "repair_interval = 86400", text))
+        a.run("ingest", str(series_input(work)))
+        name = "series of 300 x 0.5 MB, cold, S3"
+        if latency_ms:
+            text = a.config.read_text()
+            for server in servers:
+                proxies.append(DelayProxy(server.port, latency_ms / 1000))
+                text = text.replace(server.endpoint, proxies[-1].endpoint)
+            a.config.write_text(text)
+            name += f" +{latency_ms:g} ms"
+        series_runs(a, repeat, name)
+    finally:
+        for proxy in proxies:
+            proxy.close()
+        for server in servers:
+            server.stop()
+
+
+def series_runs(a: Archive, repeat: int, name: str) -> None:
     timings: dict[int, list[float]] = {8: [], 0: []}
     for _ in range(repeat):
         for ahead in (8, 0):
@@ -205,8 +299,7 @@ def bench_series(work: Path, repeat: int) -> None:
     on, off = median(timings[8]), median(timings[0])
     print(f"  series runs s: prefetch {[round(x, 2) for x in timings[8]]}, "
           f"off {[round(x, 2) for x in timings[0]]}")
-    report("series of 300 x 0.5 MB, cold", 300 / on, 300 / off, "files/s",
-           ">= 3x with series prefetch")
+    report(name, 300 / on, 300 / off, "files/s", ">= 3x with series prefetch")
 
 
 def bench_backup(work: Path, source: Path, cap_mb: int) -> None:
@@ -259,7 +352,8 @@ def main() -> None:
     parser.add_argument("--large-mb", type=int, default=200)
     parser.add_argument("--cap-mb", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="warm,series,backup")
+    parser.add_argument("--site-latency-ms", type=float, default=20.0)
+    parser.add_argument("--only", default="warm,series,series-s3,series-s3-far,backup")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_cache.py: run as root (it drops the page cache, mounts, and reads "
@@ -277,6 +371,8 @@ def main() -> None:
     steps: dict[str, Callable[[], None]] = {
         "warm": lambda: bench_warm(work, source, args.repeat),
         "series": lambda: bench_series(work, args.repeat),
+        "series-s3": lambda: bench_series_s3(work, args.repeat),
+        "series-s3-far": lambda: bench_series_s3(work, args.repeat, args.site_latency_ms),
         "backup": lambda: bench_backup(work, source, args.cap_mb),
     }
     for name in args.only.split(","):

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_access_mount import BACKUP, USERS, as_uid
 
+from animfs import chunks, keys
+from animfs.cache import _CheckSlots, _Flight
 from animfs.chunks import CHUNK_SIZE
+from animfs.fs import _sequential
 
 from conftest import Archive, files_under, gen_dicom, sha256_file
 
@@ -156,7 +160,25 @@ def test_cache_stays_under_its_cap_and_is_reused_after_remount(
     assert stats["misses"] == 0 and int(stats["hits"]) >= len(stored)
 
 
-def test_damaged_cache_entry_is_dropped_and_fetched_again(archive: Archive, sources: Path) -> None:
+@pytest.fixture(params=["sealed", "unsealed"])
+def any_archive(request: pytest.FixtureRequest, archive: Archive) -> Archive:
+    """The archive of ``animfs init``, sealed (with a key) or made with ``--no-key``: a
+    sealed chunk is checked by its seal, an unsealed one by hashing it."""
+    if request.param == "unsealed":
+        shutil.rmtree(archive.dir / "site-a")
+        for name in ("animfs.toml", "animfs.key"):
+            (archive.dir / name).unlink()
+        for name in ("site-b", "cache", "index"):
+            shutil.rmtree(archive.dir / name, ignore_errors=True)
+        archive.run("init", "--no-key", str(archive.dir), config=False)
+        assert "key_file" not in archive.config.read_text()
+    return archive
+
+
+def test_damaged_cache_entry_is_dropped_and_fetched_again(
+    any_archive: Archive, sources: Path
+) -> None:
+    archive = any_archive
     archive.ingest(sources / "large")
     with archive.mounted() as m:
         read_all_checked(m.path, sources / "large")
@@ -165,6 +187,8 @@ def test_damaged_cache_entry_is_dropped_and_fetched_again(archive: Archive, sour
     assert len(entries) == len(stored_chunks(archive)) >= 3
     flipped, truncated = entries[0], entries[1]
     good = {p.name: p.read_bytes() for p in (flipped, truncated)}
+    sealed = (archive.dir / "animfs.key").exists()
+    assert all(keys.is_sealed(data) == sealed for data in good.values())
     data = bytearray(good[flipped.name])
     data[len(data) // 2] ^= 0x01
     flipped.write_bytes(bytes(data))
@@ -287,3 +311,84 @@ def test_reads_of_any_size_and_offset_match_the_original(archive: Archive, sourc
             any_read()
         finally:
             os.close(fd)
+
+
+# -- layer 1: what the read path checks, and in which order it decompresses ----------------
+
+
+def test_every_copy_is_checked_also_without_rehashing() -> None:
+    """The mount's read path does not hash a sealed chunk again (its AES-GCM tag checks
+    every byte), but still refuses any damaged copy, and always hashes unsealed ones."""
+    ring = keys.new_ring()
+    plain = bytes(range(256)) * 300
+    for key_ring in (ring, None):
+        chunk_id, stored = chunks.seal(plain, key_ring)
+        for rehash in (True, False):
+            assert chunks.unseal(chunk_id, stored, len(plain), key_ring, rehash=rehash) == plain
+            damaged = bytearray(stored)
+            damaged[len(damaged) // 2] ^= 0x01
+            with pytest.raises(chunks.CorruptChunk):
+                chunks.unseal(chunk_id, bytes(damaged), len(plain), key_ring, rehash=rehash)
+            # An unsealed copy that decompresses to other bytes under this name.
+            other = chunks.seal(b"x" * len(plain))[1]
+            with pytest.raises(chunks.CorruptChunk, match="does not match its id"):
+                chunks.unseal(chunk_id, other, len(plain), key_ring, rehash=rehash)
+    # A sealed copy moved to another chunk's name does not open.
+    chunk_id, stored = chunks.seal(plain, ring)
+    other_id = chunks.seal(b"y" * 100, ring)[0]
+    with pytest.raises(chunks.CorruptChunk):
+        chunks.unseal(other_id, stored, len(plain), ring, rehash=False)
+
+
+def test_out_of_order_reads_stay_sequential() -> None:
+    assert _sequential(0, 0) and _sequential(0, 5 * CHUNK_SIZE)
+    mib = 1 << 20
+    assert _sequential(4 * mib, 4 * mib)
+    assert _sequential(5 * mib, 4 * mib)  # the next request handled first ...
+    assert _sequential(4 * mib, 6 * mib)  # ... then the one before it
+    assert not _sequential(40 * mib, 4 * mib)
+    assert not _sequential(4 * mib, 40 * mib)
+
+
+def test_a_chunk_a_reader_waits_for_is_decompressed_before_read_ahead() -> None:
+    slots = _CheckSlots(1)
+    order: list[str] = []
+
+    def take(name: str, flight: _Flight) -> None:
+        with slots.slot(flight):
+            order.append(name)
+
+    def queue(name: str, flight: _Flight) -> threading.Thread:
+        thread = threading.Thread(target=take, args=(name, flight))
+        thread.start()
+        return thread
+
+    def wait_for_queue(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while slots.waiting() < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slots.waiting() == n
+
+    def join(threads: list[threading.Thread]) -> None:
+        for thread in threads:
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+
+    # Read-ahead queued first; then a chunk a reader waits for: it goes first.
+    with slots.slot(_Flight()):  # the one slot is busy
+        threads = [queue("ahead", _Flight())]
+        wait_for_queue(1)
+        threads.append(queue("wanted", _Flight(wanted=True)))
+        wait_for_queue(2)
+    join(threads)
+    assert order == ["wanted", "ahead"]
+    # A read-ahead chunk that a reader starts waiting for while it queues moves up too.
+    late = _Flight()
+    with slots.slot(_Flight()):
+        threads = [queue("other", _Flight())]
+        wait_for_queue(1)
+        threads.append(queue("late", late))
+        wait_for_queue(2)
+        late.wanted = True
+    join(threads)
+    assert order == ["wanted", "ahead", "late", "other"]
