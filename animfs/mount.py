@@ -81,7 +81,15 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 
 def spawn(config: Config, mountpoint: Path) -> None:
-    """Start the mount in the background and wait until it serves (or fails)."""
+    """Start the mount in the background and wait until it serves (or fails).
+
+    The index is opened here first, so that an index of an older format is
+    upgraded in the foreground, where the user sees it happen and no start-up
+    time-out applies, and one that cannot be read fails here, in one line."""
+    try:
+        Index(config.index_path, map_size=config.index_map_size).close()
+    except IndexError_ as exc:
+        raise MountError(str(exc)) from None
     logfile = log_path(config)
     with open(logfile, "ab") as out:
         child = subprocess.Popen(

@@ -163,3 +163,21 @@ def test_an_index_of_an_unknown_format_is_refused(tmp_path: Path) -> None:
     index.close()
     with pytest.raises(Exception, match="index format 9 is not one this animfs reads"):
         Index(tmp_path / "idx", map_size=1 << 24)
+
+
+def test_mount_refuses_an_unknown_format_in_the_foreground(archive: Archive) -> None:
+    """`animfs mount` opens the index before it starts the mount process: an index it
+    cannot read fails there, in one line, with nothing mounted and no process left."""
+    index = Index(archive.dir / "index", map_size=1 << 24)
+    index.put_meta(b"format", b"9")
+    index.close()
+    mnt = archive.dir / "mnt"
+    mnt.mkdir()
+    result = archive.run("mount", str(mnt), check=False, timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("animfs: ")
+    assert "index format 9 is not one this animfs reads" in lines[0]
+    assert not os.path.ismount(mnt)
+    assert not (archive.dir / "animfs-mount.log").exists()  # no mount process was started
