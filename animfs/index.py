@@ -255,11 +255,8 @@ def _decode_node(ino: int, data: bytes | memoryview | None) -> Node:
 
 def _chunk_value(stored: int, refs: int) -> bytes:
     out = bytearray()
-    for n in (stored, refs):
-        while n >= 0x80:
-            out.append((n & 0x7F) | 0x80)
-            n >>= 7
-        out.append(n)
+    record.put_varint(out, stored)
+    record.put_varint(out, refs)
     return bytes(out)
 
 
@@ -268,16 +265,14 @@ def _chunk_fields(value: bytes | memoryview) -> tuple[int, int]:
     if len(value) == _OLD_CHUNK.size:
         stored, refs = _OLD_CHUNK.unpack(value)
         return int(stored), int(refs)
-    out, n, shift = [], 0, 0
-    for b in bytes(value):
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            out.append(n)
-            n = shift = 0
-    if len(out) != 2:
+    try:
+        stored, pos = record.read_varint(value, 0)
+        refs, pos = record.read_varint(value, pos)
+    except record.RecordError:
+        raise ValueError("malformed chunk value") from None
+    if pos != len(value):
         raise ValueError("malformed chunk value")
-    return out[0], out[1]
+    return stored, refs
 
 
 def _ino_key(ino: int) -> bytes:

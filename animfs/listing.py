@@ -55,28 +55,6 @@ def entry_of(image: int, data: bytes | memoryview) -> Entry:
     return Entry(name.encode(), ino, image, mtime_ns, size, sop_uid, bytes(data))
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if pos >= end:
-            raise record.RecordError("truncated series listing")
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        if b < 0x80:
-            return n, pos
-        shift += 7
-
-
 class View:
     """A stored listing, read in place (``data`` may be a memoryview into the map,
     valid as long as its transaction).  Raises :class:`record.RecordError` on a
@@ -107,7 +85,10 @@ class View:
         end = self._base + _U32.unpack_from(self._data, self._ends + 4 * i)[0]
         if not self._base + start < end <= len(self._data):
             raise record.RecordError("malformed series listing")
-        image, pos = _read_varint(self._data, self._base + start, end)
+        try:
+            image, pos = record.read_varint(self._data, self._base + start, end)
+        except record.RecordError:
+            raise record.RecordError("truncated series listing") from None
         return image, self._data[pos:end]
 
     def entry(self, i: int) -> Entry:
@@ -240,7 +221,7 @@ class Listing:
         ends = bytearray()
         body = bytearray()
         for e in self.entries:
-            body += _varint(e.image)
+            record.put_varint(body, e.image)
             body += e.record
             ends += _U32.pack(len(body))
         by_ino = sorted((e.ino, i) for i, e in enumerate(self.entries))

@@ -84,21 +84,41 @@ class RecordError(ValueError):
 # -- primitives ------------------------------------------------------------------------
 
 
-def _varint(out: bytearray, n: int) -> None:
+def put_varint(out: bytearray, n: int) -> None:
+    """Append ``n`` (>= 0) as an unsigned LEB128 varint, 7 bits a byte, low bits first."""
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
 
 
+
+def read_varint(data: bytes | memoryview, pos: int, end: int | None = None) -> tuple[int, int]:
+    """(value, next position) of the varint at ``pos``; RecordError if it runs past
+    ``end`` (default: the end of ``data``)."""
+    end = len(data) if end is None else end
+    if pos < end and data[pos] < 0x80:  # nearly always: sizes and lengths of a few bytes
+        return data[pos], pos + 1
+    n = shift = 0
+    while True:
+        if pos >= end:
+            raise RecordError("truncated record")
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, pos
+        shift += 7
+
+
 def _str(out: bytearray, text: str) -> None:
     raw = text.encode("utf-8", "surrogatepass")
-    _varint(out, len(raw))
+    put_varint(out, len(raw))
     out += raw
 
 
 def _opt_int(out: bytearray, n: int | None) -> None:
-    _varint(out, 0 if n is None else (2 * n if n >= 0 else -2 * n - 1) + 1)
+    put_varint(out, 0 if n is None else (2 * n if n >= 0 else -2 * n - 1) + 1)
 
 
 class _Reader:
@@ -108,17 +128,8 @@ class _Reader:
         self.data, self.pos = data, pos
 
     def varint(self) -> int:
-        n = shift = 0
-        data = self.data
-        while True:
-            if self.pos >= len(data):
-                raise RecordError("truncated record")
-            b = data[self.pos]
-            self.pos += 1
-            n |= (b & 0x7F) << shift
-            if b < 0x80:
-                return n
-            shift += 7
+        n, self.pos = read_varint(self.data, self.pos)
+        return n
 
     def raw(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
@@ -235,39 +246,24 @@ def encode_instance(manifest: Manifest, series: bytes | memoryview | None = None
                 mask |= 1 << i
     flags |= OVERRIDES if mask else 0
     out = bytearray(_HEAD.pack(TAG, flags, p.series_ino, p.file_ino, manifest.ingested_ns))
-    _varint(out, manifest.size)
+    put_varint(out, manifest.size)
     _str(out, inst.sop_uid)
     if inst.instance_number is not None:
         _opt_int(out, inst.instance_number)
     out += bytes.fromhex(manifest.sha256)
-    _varint(out, len(manifest.chunks))
+    put_varint(out, len(manifest.chunks))
     for ref in manifest.chunks:
         out += bytes.fromhex(ref.id)
-        _varint(out, ref.size)
-        _varint(out, ref.stored)
+        put_varint(out, ref.size)
+        put_varint(out, ref.stored)
     if named:
         _str(out, p.file_name)
     if mask:
-        _varint(out, mask)
+        put_varint(out, mask)
         for i, (_owner, _name, kind) in enumerate(SHARED):
             if mask >> i & 1:
                 _put_value(out, kind, mine[i])
     return bytes(out)
-
-
-def _uvarint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
-    """(value, next position) of the varint at ``pos``; IndexError past the end."""
-    b = data[pos]
-    if b < 0x80:  # nearly always: sizes and lengths of a few bytes
-        return b, pos + 1
-    n = shift = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        if b < 0x80:
-            return n, pos
-        shift += 7
 
 
 def peek(data: bytes | memoryview) -> tuple[int, int, int, int, str, str]:
@@ -284,8 +280,8 @@ def peek(data: bytes | memoryview) -> tuple[int, int, int, int, str, str]:
         raise RecordError("unknown instance record")
     try:
         _tag, flags, series_ino, file_ino, ingested_ns = _HEAD.unpack_from(data)
-        size, pos = _uvarint(data, _HEAD.size)
-        n, pos = _uvarint(data, pos)
+        size, pos = read_varint(data, _HEAD.size)
+        n, pos = read_varint(data, pos)
         sop_uid = bytes(data[pos : pos + n]).decode("utf-8", "surrogatepass")
         pos += n
         if flags & NAMED:
@@ -298,9 +294,9 @@ def peek(data: bytes | memoryview) -> tuple[int, int, int, int, str, str]:
                 reader.varint()
                 reader.varint()
             return file_ino, series_ino, ingested_ns, size, reader.str(), sop_uid
-        z = 0 if flags & NO_NUMBER else _uvarint(data, pos)[0]
+        z = 0 if flags & NO_NUMBER else read_varint(data, pos)[0]
         number = 0 if z == 0 else (z - 1) // 2 if z % 2 else -z // 2
-    except (IndexError, struct.error, UnicodeDecodeError) as exc:
+    except (IndexError, struct.error, UnicodeDecodeError, RecordError) as exc:
         raise RecordError(f"truncated instance record ({exc})") from exc
     name = f"{number:05d}_{sop_uid}.dcm"
     if not (len(name) <= 255 and _UID_CHARS.issuperset(sop_uid)):  # else: safe already
