@@ -48,6 +48,12 @@ class Progress:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _load(args: argparse.Namespace) -> Config:
     return config_mod.load(args.config)
@@ -142,22 +148,20 @@ def cmd_export_cd(args: argparse.Namespace) -> int:
 
     config = _load(args)
     with _archive(config) as (index, store):
-        progress = Progress("export-cd")
-        try:
-            done = export_cd(
-                config,
-                index,
-                store,
-                for_config(config),
-                args.patient,
-                Path(args.dest),
-                uid=os.getuid(),
-                step=progress.step,
-            )
-        except ExportError as exc:
-            raise Failure(str(exc)) from None
-        finally:
-            progress.close()
+        with Progress("export-cd") as progress:
+            try:
+                done = export_cd(
+                    config,
+                    index,
+                    store,
+                    for_config(config),
+                    args.patient,
+                    Path(args.dest),
+                    uid=os.getuid(),
+                    step=progress.step,
+                )
+            except ExportError as exc:
+                raise Failure(str(exc)) from None
     print(f"{args.dest}: DICOMDIR, README.TXT and {done.instances} files, {done.bytes} bytes")
     return 0
 
@@ -252,12 +256,10 @@ def cmd_cache_prefetch(args: argparse.Namespace) -> int:
             print(f"animfs: {text}", file=sys.stderr)
 
         check = functools.partial(check_stored, keys=_keys(config))
-        try:
+        with progress:
             done = warm.prefetch(
                 index, store, disk, node, step=progress.step, problem=problem, check=check
             )
-        finally:
-            progress.close()
     print(f"{path}: {done.line()}")
     return 1 if done.failed else 0
 
@@ -268,11 +270,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     config = _load(args)
     ring = _keys(config)
     with _archive(config) as (index, store):
-        progress = Progress("repair", len(index.journal()))
-        try:
+        with Progress("repair", len(index.journal())) as progress:
             report = repair(index, store, step=progress.step, keys=ring)
-        finally:
-            progress.close()
     for problem in report.problems:
         print(f"animfs: {problem}", file=sys.stderr)
     print(report.line())
@@ -297,13 +296,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             progress.close()
             print(f"{entry.site}: {entry.key}: {entry.reason.removeprefix('verify: ')}")
 
-        try:
+        with progress:
             inconsistent = check_index(index)  # the index against itself, before the sites
             verdicts = verify(
                 index, sites, deep=args.deep, step=progress.step, problem=problem, keys=ring
             )
-        finally:
-            progress.close()
     for line in inconsistent:
         print(f"index: INCONSISTENT: {line}")
     if not inconsistent:
@@ -339,8 +336,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         def manifest_name(manifest: Manifest) -> str:
             return manifest.object_key_with(ring)
 
-        progress = Progress("gc")
-        try:
+        with Progress("gc") as progress:
             report = gc.collect(
                 index,
                 store.sites,
@@ -350,8 +346,6 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 open_manifest=open_manifest,
                 step=progress.step,
             )
-        finally:
-            progress.close()
     for o in report.orphans:
         what = "temporary file" if o.temporary else "orphan"
         print(f"{o.site}: {o.key}: {what}, {o.size} bytes, {o.age / 3600:.1f} h old")
@@ -575,13 +569,10 @@ def cmd_key_reseal(args: argparse.Namespace) -> int:
     if ring is None:
         raise Failure(f"{config.path}: no [security] key_file: nothing to reseal")
     with _archive(config) as (index, store):
-        progress = Progress("reseal")
-        try:
+        with Progress("reseal") as progress:
             report = reseal(index, list(store.sites), ring, step=progress.step)
             if report.dropped:
                 _publish_state(config, index)
-        finally:
-            progress.close()
     for problem in report.failed:
         print(f"animfs: {problem}", file=sys.stderr)
     print(f"key {ring.current}: {report.line()}")
@@ -611,22 +602,20 @@ def cmd_rebuild_index(args: argparse.Namespace) -> int:
     config = _load(args)
     ring = _keys(config)
     site = open_site(config.site(args.from_site or config.preferred))
-    progress = Progress("rebuild")
-    try:
-        report = recovery.rebuild(
-            config.index_path,
-            config.index_map_size,
-            site,
-            ring,
-            snapshot=args.from_snapshot is not None,
-            snapshot_id=args.from_snapshot or None,
-            allow_plain=args.allow_plain,
-            step=progress.step,
-        )
-    except recovery.RecoveryError as exc:
-        raise Failure(str(exc)) from None
-    finally:
-        progress.close()
+    with Progress("rebuild") as progress:
+        try:
+            report = recovery.rebuild(
+                config.index_path,
+                config.index_map_size,
+                site,
+                ring,
+                snapshot=args.from_snapshot is not None,
+                snapshot_id=args.from_snapshot or None,
+                allow_plain=args.allow_plain,
+                step=progress.step,
+            )
+        except recovery.RecoveryError as exc:
+            raise Failure(str(exc)) from None
     print(report.line())
     return 0
 
@@ -637,13 +626,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
     config = _load(args)
     ring = _keys(config)
     with _archive(config) as (index, store):
-        progress = Progress("sync")
-        try:
-            report = sync.sync(index, store, ring, config.host, full=args.full, step=progress.step)
-        except sync.SyncError as exc:
-            raise Failure(f"sync stopped: {exc}") from None
-        finally:
-            progress.close()
+        with Progress("sync") as progress:
+            try:
+                report = sync.sync(
+                    index, store, ring, config.host, full=args.full, step=progress.step
+                )
+            except sync.SyncError as exc:
+                raise Failure(f"sync stopped: {exc}") from None
     print(report.line())
     return 0
 
