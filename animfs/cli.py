@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from animfs import config as config_mod
+from animfs import heap
 from animfs.config import Config, ConfigError
 
 log = logging.getLogger("animfs")
@@ -767,6 +768,7 @@ def _quiet_pydicom(record: logging.LogRecord) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    heap.keep_freed_buffers()  # chunk buffers are reused, not faulted in afresh
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

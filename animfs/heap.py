@@ -1,0 +1,34 @@
+"""Keep the C heap's freed chunk buffers for reuse instead of handing them back.
+
+Every chunk read or written passes through buffers of about 4 MiB: the
+decompressed chunk, the compressed one, a file's bytes.  glibc gives a block
+that large its own fresh mapping (or trims it off the top of the heap when it
+is freed), so the next one costs 1,024 page faults and the zeroing of 4 MiB:
+measured here, that halves zstd's decompression speed (570 MB/s of CPU time
+against 870 with the buffers reused) and makes the un-shuffle of a shuffled
+chunk three times slower.  Raising the mapping and trim thresholds above a
+chunk's size keeps freed buffers in the heap, where the next chunk reuses them.
+
+The price is that the process holds on to its peak heap instead of returning
+it: the memory LRU and read-ahead already bound what the mount holds, and
+ingest's look-ahead bounds its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's <malloc.h>
+THRESHOLD = 64 << 20  # the most glibc takes for M_MMAP_THRESHOLD on 64-bit, and 16 chunks
+
+
+def keep_freed_buffers() -> bool:
+    """Tune glibc's malloc as the module docstring says; False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
