@@ -47,8 +47,13 @@ HEADER_KEYWORDS = (
     "InstitutionName",
     "SpecificCharacterSet",
     "StudyID",
+    "BitsAllocated",  # for :func:`sample_width`, not the Instance
 )
 _HEADER_TAGS = [Tag(k) for k in HEADER_KEYWORDS]
+# Transfer syntaxes whose pixel data is stored as plain samples ("native"), not
+# encapsulated in JPEG, RLE and the like; "" is a file without file meta, which is
+# implicit little endian.
+NATIVE = {"", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 
 class NotDicom(Exception):
@@ -119,17 +124,23 @@ def read_header(source: BinaryIO, *, issuer_default: str) -> Instance:
     ``issuer_default`` is the ingesting institution, used when the file has no
     IssuerOfPatientID.  Raises :class:`NotDicom` with a short reason.
     """
+    return read_header_and_width(source, issuer_default=issuer_default)[0]
+
+
+def read_header_and_width(source: BinaryIO, *, issuer_default: str) -> tuple[Instance, int]:
+    """:func:`read_header`, and the file's :func:`sample_width`."""
     try:
         with _QUIET, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
             instance = _instance(ds, issuer_default)
+            width = sample_width(ds)
             implicit, little = ds.original_encoding
             deflated = transfer_syntax_of(ds) == DEFLATED
         if not deflated:
             size = source.seek(0, 2)
             _walk(source, size=size, implicit=bool(implicit), little=bool(little))
-        return instance
+        return instance, width
     except InvalidDicomError:
         raise NotDicom("not a DICOM file (no DICM prefix and no readable header)") from None
     except NotDicom:
@@ -161,6 +172,20 @@ _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def sample_width(ds: Any) -> int:
+    """Bytes per pixel sample when the pixels are stored as plain multi-byte samples
+    (16-bit CT and MR, 32- and 64-bit float images), else 0.
+
+    It is the width of the shuffle filter ingest asks for (:mod:`animfs.chunks`):
+    8-bit and 1-bit pixels gain nothing from it, and encapsulated pixels (JPEG and
+    the like) are already compressed.  Deflated files are compressed as a whole.
+    """
+    bits = _int(ds, "BitsAllocated")
+    if bits not in (16, 32, 64) or transfer_syntax_of(ds) not in NATIVE:
+        return 0
+    return bits // 8
 
 
 def transfer_syntax_of(ds: Any) -> str:

@@ -37,7 +37,7 @@ from typing import BinaryIO
 
 from animfs import chunks, keys, sync
 from animfs.config import Config
-from animfs.dicom import Instance, NotDicom, read_header
+from animfs.dicom import Instance, NotDicom, read_header_and_width
 from animfs.index import Index, IndexError_, IndexFull
 from animfs.manifest import Manifest, Placement, instance_key
 from animfs.store.dual import DualStore, Missed, NotEnoughSites
@@ -64,6 +64,7 @@ class Read:
     size: int
     sha256: str = ""  # of the whole file, when the worker read it whole
     sealed: list[tuple[str, bytes, int]] | None = None  # (id, stored, plain size) per chunk
+    shuffle: int = 0  # sample width of its pixels, for the chunks' shuffle filter
 
 
 @dataclass
@@ -182,25 +183,25 @@ class Ingester:
 
     def _read(self, f: BinaryIO) -> Read:
         try:
-            header = read_header(f, issuer_default="")
+            header, width = read_header_and_width(f, issuer_default="")
         except NotDicom as exc:
             raise Refused(str(exc)) from None
         size = os.fstat(f.fileno()).st_size
         if size > WHOLE_FILE:
-            return Read(f, header, size)  # streamed by the caller, chunk by chunk
+            return Read(f, header, size, shuffle=width)  # streamed by the caller, chunk by chunk
         f.seek(0)
         plain = f.read(size + 1)
         if len(plain) != size:
             raise Refused("the file changed while it was read")
         sha = hashlib.sha256(plain).hexdigest()
         if self.index.has_instance(instance_key(header.sop_uid)):
-            return Read(f, header, size, sha)  # only its checksum matters
+            return Read(f, header, size, sha, shuffle=width)  # only its checksum matters
         view = memoryview(plain)
         sealed = [
-            _seal(view[at : at + chunks.CHUNK_SIZE], self.keys)
+            _seal(view[at : at + chunks.CHUNK_SIZE], self.keys, width)
             for at in range(0, size, chunks.CHUNK_SIZE)
         ]
-        return Read(f, header, size, sha, sealed)
+        return Read(f, header, size, sha, sealed, width)
 
     def prepare(self, read: Read) -> Manifest | None:
         """Take one file as a worker read it, and start writing its chunks to the sites.
@@ -244,7 +245,7 @@ class Ingester:
             refs = [self._send(*sealed) for sealed in read.sealed]
         else:  # large, or archived when the worker looked and no longer: stream it
             read.file.seek(0)
-            size, sha, refs = self._store_chunks(read.file)
+            size, sha, refs = self._store_chunks(read.file, read.shuffle)
             if size != os.fstat(read.file.fileno()).st_size:
                 raise Refused("the file changed while it was read")
         return Manifest(
@@ -267,7 +268,7 @@ class Ingester:
                 self.summary.stored[name] += len(stored)
         return chunks.ChunkRef(chunk_id, plain_size, len(stored))
 
-    def _store_chunks(self, f: BinaryIO) -> tuple[int, str, list[chunks.ChunkRef]]:
+    def _store_chunks(self, f: BinaryIO, shuffle: int) -> tuple[int, str, list[chunks.ChunkRef]]:
         """Read, hash, compress and start writing every chunk; returns (size, sha256, refs)."""
         whole = hashlib.sha256()
         refs: list[chunks.ChunkRef] = []
@@ -279,7 +280,7 @@ class Ingester:
                 break
             size += len(plain)
             whole.update(plain)
-            pending.append(self.pool.submit(_seal, plain, self.keys))
+            pending.append(self.pool.submit(_seal, plain, self.keys, shuffle))
             while len(pending) > COMPRESS_AHEAD:
                 refs.append(self._send(*pending.popleft().result()))
         while pending:
@@ -394,6 +395,8 @@ def _same_or_refuse(stored: Manifest, sha256: str) -> None:
         )
 
 
-def _seal(plain: bytes | memoryview, ring: keys.KeyRing | None) -> tuple[str, bytes, int]:
-    chunk_id, stored = chunks.seal(plain, ring)
+def _seal(
+    plain: bytes | memoryview, ring: keys.KeyRing | None, shuffle: int
+) -> tuple[str, bytes, int]:
+    chunk_id, stored = chunks.seal(plain, ring, shuffle=shuffle)
     return chunk_id, stored, len(plain)

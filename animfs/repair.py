@@ -68,7 +68,7 @@ def checker(
             if size is None:
                 try:
                     frame = chunks.opened(chunk_id, stored, keys)
-                    size = zstandard.frame_content_size(frame)
+                    size = chunks.content_size(frame)
                 except CorruptChunk as exc:
                     raise CorruptObject("", key, str(exc)) from exc
                 except zstandard.ZstdError:
