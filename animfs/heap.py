@@ -10,16 +10,21 @@ chunk three times slower.  Raising the mapping and trim thresholds above a
 chunk's size keeps freed buffers in the heap, where the next chunk reuses them.
 
 The price is that the process holds on to its peak heap instead of returning
-it: the memory LRU and read-ahead already bound what the mount holds, and
-ingest's look-ahead bounds its own.
+it, in each of glibc's arenas: it makes one per thread that finds the others
+busy, up to 8 per core, and the mount runs a few dozen threads.  So the arenas
+are capped at one per core (at least 2): under 16 readers with an 8 MiB memory
+LRU the mount's peak RSS is then 160 MiB, against 211 MiB with glibc's defaults
+and 433 MiB with the thresholds raised alone.  The memory LRU and read-ahead
+bound what the mount holds, and ingest's look-ahead bounds its own.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # from glibc's <malloc.h>
 THRESHOLD = 64 << 20  # the most glibc takes for M_MMAP_THRESHOLD on 64-bit, and 16 chunks
 
 
@@ -31,4 +36,11 @@ def keep_freed_buffers() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+    return all(
+        mallopt(option, value)
+        for option, value in (
+            (M_ARENA_MAX, max(2, os.cpu_count() or 1)),
+            (M_MMAP_THRESHOLD, THRESHOLD),
+            (M_TRIM_THRESHOLD, THRESHOLD),
+        )
+    )
