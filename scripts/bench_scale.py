@@ -3,9 +3,17 @@
 
     bench_scale.py                      # 10k, 100k, 1M
     bench_scale.py --sizes 10000,100000,1000000,10000000
+    bench_scale.py --workdir /tmp/scale --sizes 10000000 --build-only   # build, keep
+    bench_scale.py --workdir /tmp/scale --sizes 10000,100000,1000000,10000000
 
 One archive (``animfs init --no-key`` in a temporary folder) whose index is
 filled by ``gen_index.py`` (no chunk data) and grown from one size to the next.
+With --workdir, each size has its own archive ``<workdir>/<size>``, filled once
+and reused by later runs (10M instances take half an hour or more to generate),
+so a run can compare a kept 10M index against 10k built afresh.
+Before each size is mounted, its index file is read once, so that every size is
+measured with its index in the page cache (as on a busy mount host), whether it
+was just generated or is reused from an earlier run.
 At each size it reports index bytes per instance (pages in use, and the file),
 then mounts the archive for real, access control on (uid 0 is a clinician of
 CHL; every sampled file is a CHL study, so its opens are allowed and audited),
@@ -168,20 +176,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="10000,100000,1000000")
-    ap.add_argument("--samples", type=int, default=200, help="operations of each kind per round")
-    ap.add_argument("--repeat", type=int, default=3, help="rounds per size (each on a fresh mount)")
-    ap.add_argument("--keep", help="build the archive in this folder and keep it")
-    args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="animfs-scale-"))
+def make_archive(work: Path) -> Path:
+    """An archive in ``work`` set up for the bench (once); returns its config."""
+    cfg = work / "animfs.toml"
+    if cfg.exists():
+        return cfg
     work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)
     subprocess.run([PYTHON, "-m", "animfs", "init", "--no-key", str(work)], check=True,
                    capture_output=True)
-    cfg = work / "animfs.toml"
     with open(cfg, "a") as f:
         f.write('\n[users.0]\nname = "bench"\ninstitution = "CHL"\nrole = "clinician"\n'
                 '\n[sync]\ninterval = 0\n')
@@ -189,28 +192,68 @@ def main() -> int:
     text = cfg.read_text().replace("snapshot_interval = 3600", "snapshot_interval = 0")
     text = text.replace("series_prefetch = 8", "series_prefetch = 0")
     cfg.write_text(text)
-    config = config_mod.load(cfg)
-    mnt = work / "mnt"
-    mnt.mkdir(exist_ok=True)
+    (work / "mnt").mkdir(exist_ok=True)
+    return cfg
+
+
+def fill_to(index: Index, size: int, seed: int) -> float:
+    """Grow ``index`` to ``size`` instances (new patients from ``seed``); returns the
+    seconds it took (0 when it already holds them)."""
+    have = index.counts()["instances"]
+    if have > size:
+        raise SystemExit(f"{index.path} holds {have:,} instances, more than {size:,}")
+    if have == size:
+        return 0.0
+    return gen_index.fill(index, size - have, seed=seed, batch=20_000)
+
+
+def warm(data_file: Path) -> None:
+    """Read the index file once, so that its pages are in the page cache."""
+    with open(data_file, "rb", buffering=0) as f:
+        while f.read(1 << 24):
+            pass
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--samples", type=int, default=200, help="operations of each kind per round")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per size (each on a fresh mount)")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--keep", help="build the archive in this folder and keep it")
+    where.add_argument("--workdir", help="one archive per size in <workdir>/<size>, built "
+                       "once and reused")
+    ap.add_argument("--build-only", action="store_true",
+                    help="with --workdir: fill each size's archive, measure nothing")
+    args = ap.parse_args()
+    if args.build_only and not args.workdir:
+        ap.error("--build-only needs --workdir")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    top = Path(args.workdir or args.keep or tempfile.mkdtemp(prefix="animfs-scale-"))
     rng = random.Random(7)
     rows: list[tuple[int, int, int, float, dict[str, tuple[float, float]], int]] = []
-    have = 0
     try:
         for size in sizes:
+            work = top / str(size) if args.workdir else top
+            cfg = make_archive(work)
+            config = config_mod.load(cfg)
             index = Index(config.index_path, map_size=1 << 40)
             try:
-                gen_start = time.monotonic()
-                gen_index.fill(index, size - have, seed=len(rows) + 1, batch=20_000)
-                gen_seconds = time.monotonic() - gen_start
-                have = size
+                # One archive grown from size to size takes new patients at each step.
+                seed = 1 if args.workdir else len(rows) + 1
+                gen_seconds = fill_to(index, size, seed)
+                if args.build_only:
+                    print(f"{size:>10,}: {work} ({gen_seconds:.0f} s)", flush=True)
+                    continue
                 used, file_bytes = index_bytes(index)
                 rounds = [sample(index, args.samples, rng) for _ in range(args.repeat)]
             finally:
                 index.close()
+            warm(config.index_path / "data.mdb")
             per_round = []
             rss = anon = 0
             for picks in rounds:
-                figures, (peak, own) = run_size(cfg, mnt, picks)
+                figures, (peak, own) = run_size(cfg, work / "mnt", picks)
                 per_round.append(figures)
                 rss, anon = max(rss, peak), max(anon, own)
             merged = {
@@ -235,8 +278,8 @@ def main() -> int:
                     flush=True,
                 )
     finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        if not (args.keep or args.workdir):
+            shutil.rmtree(top, ignore_errors=True)
     return 0
 
 
