@@ -659,6 +659,38 @@ class Index:
         with self.env.begin(buffers=True) as txn:
             return self._manifest_in(txn, key)
 
+    def file_manifest(self, ino: int) -> Manifest | None:
+        """The manifest of the instance file ``ino``, or None if it is not one.
+
+        Found from the file's node and its series' listing, which whoever asks has
+        usually just read: unlike :meth:`manifest`, it reads nothing from
+        ``instances``, whose entry for a file is a page of its own among millions
+        (every page a read touches is mapped into the process, with its neighbours)."""
+        with self.env.begin(buffers=True) as txn:
+            data = self._record_in(txn, ino)
+            return None if data is None else self._decode_in(txn, data)
+
+    def first_manifest(self, folder: int) -> Manifest | None:
+        """The manifest of the first instance below ``folder`` (first by name at each
+        level), or None if it has none.
+
+        Goes down by the first entry in ``dirents`` and then in the series' listing,
+        reading neither the nodes of the folders passed nor ``instances``: a
+        patient's or study's owner (access control asks for it for every folder
+        it shows) costs a page of each level, not three more random ones."""
+        with self.env.begin(buffers=True) as txn:
+            cursor = txn.cursor(db=self._db["dirents"])
+            for _level in range(4):  # patient -> study -> series -> its listing
+                files = self._files_in(txn, folder)
+                if files is not None:
+                    first = next(iter(files), None)
+                    return None if first is None else self._decode_in(txn, first.record)
+                prefix = _U64.pack(folder)
+                if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
+                    return None
+                folder = _U64.unpack(cursor.value())[0]
+        return None
+
     def manifest_bytes(self, key: bytes) -> bytes | None:
         """The manifest as stored at the sites (JSON), from its instance record."""
         manifest = self.manifest(key)

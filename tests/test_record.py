@@ -174,3 +174,29 @@ def test_kept_listings_are_used_only_while_they_are_what_is_stored() -> None:
     assert len(cache.fill(11, 4, listing.Listing(list(files) * 3).encode())) == len(series) * 3
     assert cache.known(11, snapshot=4) is False  # too big to keep at all
 
+
+def test_an_index_lists_what_was_committed_since_it_last_listed(tmp_path: Path) -> None:
+    made = list(gen_index.instances(600, seed=11, start_ns=10**18))
+    last = made[-1].placement
+    series = [m for m in made if m.placement.series_ino == last.series_ino]
+    assert len(series) > 3
+    index = Index(tmp_path / "idx", map_size=1 << 30)
+    try:
+        index.bulk_add(m for m in made if m not in series[-2:])
+        listed = index.entries(last.series_ino, None, 10_000)  # listed whole: kept
+        assert [n.ino for n in listed] == [m.placement.file_ino for m in series[:-2]]
+        assert index.lookup(last.series_ino, last.file_name.encode()) is None
+        index.bulk_add(series[-2:])
+        names = [n.name.decode() for n in index.entries(last.series_ino, None, 10_000)]
+        assert names == [m.placement.file_name for m in series]
+        found = index.lookup(last.series_ino, last.file_name.encode())
+        assert found is not None and found.ino == last.file_ino
+        assert index.file_manifest(last.file_ino) == series[-1] == index.manifest(series[-1].key)
+        assert index.file_manifest(last.series_ino) is None
+        first = min(made, key=lambda m: (m.placement.study_name, m.placement.series_name,
+                                         m.placement.file_name)
+                    if m.placement.patient_ino == last.patient_ino else ("\uffff",))
+        assert index.first_manifest(last.patient_ino) == first
+        assert index.first_manifest(1 << 40) is None
+    finally:
+        index.close()
