@@ -11,9 +11,15 @@ filled by ``gen_index.py`` (no chunk data) and grown from one size to the next.
 With --workdir, each size has its own archive ``<workdir>/<size>``, filled once
 and reused by later runs (10M instances take half an hour or more to generate),
 so a run can compare a kept 10M index against 10k built afresh.
-Before each size is mounted, its index file is read once, so that every size is
-measured with its index in the page cache (as on a busy mount host), whether it
-was just generated or is reused from an earlier run.
+Before each size is mounted, its index file is put in a known page-cache state
+(--page-cache), whether it was just generated or is reused from an earlier run.
+This decides much of the mount's RSS: the kernel maps a cached page's neighbours
+with it on a fault (64 KiB), and a whole large folio at once (up to 2 MiB on
+Linux 6.18).  Large folios are what bulk writes (the generator's transactions of
+20,000 instances) and read() read-ahead put in the cache; the mount's own reads
+(no read-ahead on its map) bring in single pages.  "pages" (the default) drops
+the file from the cache and reads it back in page-size pieces (fully cached, as
+if read by the mount itself); "cold" only drops it; "as-is" leaves it.
 At each size it reports index bytes per instance (pages in use, and the file),
 then mounts the archive for real, access control on (uid 0 is a clinician of
 CHL; every sampled file is a CHL study, so its opens are allowed and audited),
@@ -207,11 +213,24 @@ def fill_to(index: Index, size: int, seed: int) -> float:
     return gen_index.fill(index, size - have, seed=seed, batch=20_000)
 
 
-def warm(data_file: Path) -> None:
-    """Read the index file once, so that its pages are in the page cache."""
-    with open(data_file, "rb", buffering=0) as f:
-        while f.read(1 << 24):
-            pass
+def set_page_cache(data_file: Path, state: str) -> None:
+    """Put the index file in the page cache as ``state`` says (see the docstring):
+    "pages": dropped, then read back with POSIX_FADV_WILLNEED, which reads in
+    single pages (unlike read(), whose read-ahead makes large folios), 8 MiB per
+    call (the most the kernel reads for one); "cold": dropped; "as-is": left."""
+    if state == "as-is":
+        return
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)  # dirty pages are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if state == "pages":
+            size, step = os.fstat(fd).st_size, 8 << 20
+            for offset in range(0, size, step):
+                os.posix_fadvise(fd, offset, step, os.POSIX_FADV_WILLNEED)
+            os.pread(fd, 1, size - 1)  # waits for the last of the reads
+    finally:
+        os.close(fd)
 
 
 def main() -> int:
@@ -223,6 +242,8 @@ def main() -> int:
     where.add_argument("--keep", help="build the archive in this folder and keep it")
     where.add_argument("--workdir", help="one archive per size in <workdir>/<size>, built "
                        "once and reused")
+    ap.add_argument("--page-cache", choices=("pages", "cold", "as-is"), default="pages",
+                    help="the index file's page-cache state at each mount (see above)")
     ap.add_argument("--build-only", action="store_true",
                     help="with --workdir: fill each size's archive, measure nothing")
     args = ap.parse_args()
@@ -249,10 +270,10 @@ def main() -> int:
                 rounds = [sample(index, args.samples, rng) for _ in range(args.repeat)]
             finally:
                 index.close()
-            warm(config.index_path / "data.mdb")
             per_round = []
             rss = anon = 0
             for picks in rounds:
+                set_page_cache(config.index_path / "data.mdb", args.page_cache)
                 figures, (peak, own) = run_size(cfg, work / "mnt", picks)
                 per_round.append(figures)
                 rss, anon = max(rss, peak), max(anon, own)
