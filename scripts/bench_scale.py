@@ -19,7 +19,9 @@ Linux 6.18).  Large folios are what bulk writes (the generator's transactions of
 20,000 instances) and read() read-ahead put in the cache; the mount's own reads
 (no read-ahead on its map) bring in single pages.  "pages" (the default) drops
 the file from the cache and reads it back in page-size pieces (fully cached, as
-if read by the mount itself); "cold" only drops it; "as-is" leaves it.
+if read by the mount itself); "read" reads it back with read() instead (large
+folios, as a copy or backup of the index file leaves it); "cold" only drops
+it; "as-is" leaves it.
 At each size it reports index bytes per instance (pages in use, and the file),
 then mounts the archive for real, access control on (uid 0 is a clinician of
 CHL; every sampled file is a CHL study, so its opens are allowed and audited),
@@ -225,7 +227,8 @@ def set_page_cache(data_file: Path, state: str) -> None:
     """Put the index file in the page cache as ``state`` says (see the docstring):
     "pages": dropped, then read back with POSIX_FADV_WILLNEED, which reads in
     single pages (unlike read(), whose read-ahead makes large folios), 8 MiB per
-    call (the most the kernel reads for one); "cold": dropped; "as-is": left."""
+    call (the most the kernel reads for one); "read": dropped, then read back with
+    read(); "cold": dropped; "as-is": left."""
     if state == "as-is":
         return
     fd = os.open(data_file, os.O_RDONLY)
@@ -237,6 +240,9 @@ def set_page_cache(data_file: Path, state: str) -> None:
             for offset in range(0, size, step):
                 os.posix_fadvise(fd, offset, step, os.POSIX_FADV_WILLNEED)
             os.pread(fd, 1, size - 1)  # waits for the last of the reads
+        elif state == "read":
+            while os.read(fd, 1 << 24):
+                pass
     finally:
         os.close(fd)
 
@@ -250,7 +256,7 @@ def main() -> int:
     where.add_argument("--keep", help="build the archive in this folder and keep it")
     where.add_argument("--workdir", help="one archive per size in <workdir>/<size>, built "
                        "once and reused")
-    ap.add_argument("--page-cache", choices=("pages", "cold", "as-is"), default="pages",
+    ap.add_argument("--page-cache", choices=("pages", "read", "cold", "as-is"), default="pages",
                     help="the index file's page-cache state at each mount (see above)")
     ap.add_argument("--build-only", action="store_true",
                     help="with --workdir: fill each size's archive, measure nothing")
