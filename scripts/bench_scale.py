@@ -29,23 +29,28 @@ and measures through the kernel, on files and folders not touched before:
 
 - lookup:  ``stat`` of a file never looked up (its folders already are)
 - getattr: ``statx(AT_STATX_FORCE_SYNC)`` of a looked-up file (the kernel must ask)
-- readdir: ``listdir`` of a series folder never listed; also per file listed
-  ("readdir/f", in us), because the series listed differ with the size: at 10k
-  most samples fall in series listed before, and the few fresh ones are smaller
-  (median 146 files against 195 at 10M), which alone makes readdir look 1.3x
-  slower at 10M
+- readdir: ``listdir`` of a series folder never listed, counted once for every
+  sample in that series: at 10M nearly every sample is in a series of its own,
+  at 10k most fall in a few series listed before, and counting each listing
+  once would compare the series of a random instance at 10M (median 195 files)
+  with the distinct series sampled at 10k (median 146): 1.3x slower at 10M for
+  that alone.  Also per file listed ("readdir/f", in us).
 - open:    ``open`` + ``close`` of a looked-up file: access decision + durable audit line
 - ls -l:   the ``ls -l`` command on a patient folder never listed
 
 with median and p99 per operation and the ratio of each median to the smallest
 size's, and the peak RSS (VmHWM) of the mount process.  The machine is shared:
-each size's figures are the median of --repeat rounds of --samples operations.
+each size's figures are the median of --repeat rounds of --samples operations,
+and with --workdir the rounds go round the sizes (10k, 10M, 10k, 10M, ...), so
+that every size meets the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
+import dataclasses
 import os
 import random
 import shutil
@@ -117,6 +122,7 @@ def measure(mnt: Path, picks: list[Manifest]) -> dict[str, list[float]]:
     ops = ("lookup", "getattr", "readdir", "readdir/f", "open", "ls")
     out: dict[str, list[float]] = {k: [] for k in ops}
     listed: set[int] = set()
+    in_series = collections.Counter(m.placement.series_ino for m in picks)
     for m in picks:
         p = m.placement
         patient = mnt / "patients" / p.patient_name
@@ -132,8 +138,9 @@ def measure(mnt: Path, picks: list[Manifest]) -> dict[str, list[float]]:
         if fresh:
             start = time.perf_counter()
             files = len(os.listdir(series))
-            out["readdir"].append(time.perf_counter() - start)
-            out["readdir/f"].append(out["readdir"][-1] / files)
+            took = time.perf_counter() - start
+            out["readdir"] += [took] * in_series[p.series_ino]  # see the docstring
+            out["readdir/f"] += [took / files] * in_series[p.series_ino]
 
         def open_close(path: str = path) -> None:
             os.close(os.open(path, os.O_RDONLY))
@@ -247,6 +254,74 @@ def set_page_cache(data_file: Path, state: str) -> None:
         os.close(fd)
 
 
+@dataclasses.dataclass
+class Size:
+    """One size's archive, its index figures and its rounds' samples and results."""
+
+    size: int
+    cfg: Path
+    used: int
+    file_bytes: int
+    gen_seconds: float
+    rounds: list[list[Manifest]]
+    results: list[dict[str, list[float]]] = dataclasses.field(default_factory=list)
+    rss: int = 0
+    anon: int = 0
+
+    def run_round(self, page_cache: str) -> None:
+        config = config_mod.load(self.cfg)
+        set_page_cache(config.index_path / "data.mdb", page_cache)
+        figures, (peak, own) = run_size(self.cfg, self.cfg.parent / "mnt",
+                                        self.rounds[len(self.results)])
+        self.results.append(figures)
+        self.rss, self.anon = max(self.rss, peak), max(self.anon, own)
+
+    def merged(self) -> dict[str, tuple[float, float]]:
+        """Per operation: (median of the rounds' medians, median of their p99s)."""
+        return {
+            op: (
+                statistics.median(statistics.median(r[op]) for r in self.results),
+                statistics.median(pct(r[op], 0.99) for r in self.results),
+            )
+            for op in self.results[0]
+        }
+
+
+def prepare(size: int, work: Path, seed: int, args: argparse.Namespace,
+            rng: random.Random) -> Size:
+    """Build (or reuse) ``size``'s archive in ``work`` and sample its rounds."""
+    cfg = make_archive(work)
+    config = config_mod.load(cfg)
+    index = Index(config.index_path, map_size=1 << 40)
+    try:
+        gen_seconds = fill_to(index, size, seed)
+        if args.build_only:
+            print(f"{size:>10,}: {work} ({gen_seconds:.0f} s)", flush=True)
+            return Size(size, cfg, 0, 0, gen_seconds, [])
+        used, file_bytes = index_bytes(index)
+        rounds = [sample(index, args.samples, rng) for _ in range(args.repeat)]
+    finally:
+        index.close()
+    return Size(size, cfg, used, file_bytes, gen_seconds, rounds)
+
+
+def report(one: Size, base: Size) -> None:
+    print(
+        f"{one.size:>10,}: {one.used / one.size:6.0f} B/instance in use "
+        f"({one.file_bytes / one.size:.0f} file), generated in {one.gen_seconds:.0f} s, mount "
+        f"peak RSS {one.rss / 2**20:.0f} MiB (anonymous {one.anon / 2**20:.0f} MiB)",
+        flush=True,
+    )
+    first = base.merged()
+    for op, (median, p99) in one.merged().items():
+        unit, scale = ("us", 1e6) if op == "readdir/f" else ("ms", 1e3)
+        print(
+            f"{'':>12}{op:9} median {median * scale:7.3f} {unit}  p99 {p99 * scale:7.3f} "
+            f"{unit}  x{median / first[op][0]:.2f} of {base.size:,}",
+            flush=True,
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
@@ -266,53 +341,24 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     top = Path(args.workdir or args.keep or tempfile.mkdtemp(prefix="animfs-scale-"))
     rng = random.Random(7)
-    rows: list[tuple[int, int, int, float, dict[str, tuple[float, float]], int]] = []
     try:
-        for size in sizes:
-            work = top / str(size) if args.workdir else top
-            cfg = make_archive(work)
-            config = config_mod.load(cfg)
-            index = Index(config.index_path, map_size=1 << 40)
-            try:
-                # One archive grown from size to size takes new patients at each step.
-                seed = 1 if args.workdir else len(rows) + 1
-                gen_seconds = fill_to(index, size, seed)
-                if args.build_only:
-                    print(f"{size:>10,}: {work} ({gen_seconds:.0f} s)", flush=True)
-                    continue
-                used, file_bytes = index_bytes(index)
-                rounds = [sample(index, args.samples, rng) for _ in range(args.repeat)]
-            finally:
-                index.close()
-            per_round = []
-            rss = anon = 0
-            for picks in rounds:
-                set_page_cache(config.index_path / "data.mdb", args.page_cache)
-                figures, (peak, own) = run_size(cfg, work / "mnt", picks)
-                per_round.append(figures)
-                rss, anon = max(rss, peak), max(anon, own)
-            merged = {
-                op: (
-                    statistics.median(statistics.median(r[op]) for r in per_round),
-                    statistics.median(pct(r[op], 0.99) for r in per_round),
-                )
-                for op in per_round[0]
-            }
-            rows.append((size, used, file_bytes, gen_seconds, merged, rss))
-            print(
-                f"{size:>10,}: {used / size:6.0f} B/instance in use ({file_bytes / size:.0f} "
-                f"file), generated in {gen_seconds:.0f} s, mount peak RSS {rss / 2**20:.0f} MiB "
-                f"(anonymous {anon / 2**20:.0f} MiB)",
-                flush=True,
-            )
-            base = rows[0][4]
-            for op, (median, p99) in merged.items():
-                unit, scale = ("us", 1e6) if op == "readdir/f" else ("ms", 1e3)
-                print(
-                    f"{'':>12}{op:9} median {median * scale:7.3f} {unit}  p99 {p99 * scale:7.3f} "
-                    f"{unit}  x{median / base[op][0]:.2f} of {rows[0][0]:,}",
-                    flush=True,
-                )
+        if args.workdir:  # every size at hand: rounds go round the sizes
+            done = [prepare(size, top / str(size), 1, args, rng) for size in sizes]
+            if args.build_only:
+                return 0
+            for _round in range(args.repeat):
+                for one in done:
+                    one.run_round(args.page_cache)
+            for one in done:
+                report(one, done[0])
+        else:  # one archive, grown from size to size (new patients at each step)
+            done = []
+            for step, size in enumerate(sizes):
+                one = prepare(size, top, step + 1, args, rng)
+                for _round in range(args.repeat):
+                    one.run_round(args.page_cache)
+                done.append(one)
+                report(one, done[0])
     finally:
         if not (args.keep or args.workdir):
             shutil.rmtree(top, ignore_errors=True)
