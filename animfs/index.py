@@ -635,7 +635,8 @@ class Index:
         prefix = _U64.pack(parent)
         out: list[Node] = []
         with self.env.begin(buffers=True) as txn:
-            files = self._files_in(txn, parent, whole=after is None)
+            # From its start, and more than a peek at its first entry: decoded and kept.
+            files = self._files_in(txn, parent, whole=after is None and limit > 1)
             if files is not None:
                 return [_file_node(parent, e) for e in itertools.islice(files.after(after), limit)]
             cursor = txn.cursor(db=self._db["dirents"])
