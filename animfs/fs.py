@@ -413,7 +413,7 @@ class Operations(pyfuse3.Operations):
 
     def _keep(self, node: Node) -> Manifest | None:
         """The instance record of a file, kept in memory with its node for its next opens."""
-        manifest = self.index.manifest(node.instance)
+        manifest = self.index.file_manifest(node.ino)
         if manifest is not None:
             self._openable[node.ino] = (node, manifest)
             if len(self._openable) > OPENABLE_MEMORY:
@@ -691,7 +691,7 @@ class Operations(pyfuse3.Operations):
             return str(value).encode()
         if node.kind != FILE or not node.instance or name not in FILE_XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        manifest = self.index.manifest(node.instance)
+        manifest = self.index.file_manifest(node.ino)
         if manifest is None:
             log.error("inode %d: instance record missing from the index", inode)
             raise pyfuse3.FUSEError(errno.EIO)

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from animfs.access import Decision, decide_open, may_see
 from animfs.config import User
-from animfs.index import DIR, LINK, PATIENTS_INO, STUDIES_INO, VIEWS, Index, Node
+from animfs.index import LINK, PATIENTS_INO, STUDIES_INO, VIEWS, Index, Node
 from animfs.manifest import Manifest
 
 _MEMO_MAX = 1 << 17  # remembered node facts; cleared wholesale when full
@@ -180,12 +180,7 @@ class Guard:
         """Patient, UID and institution of a study folder, from the first instance below it."""
         if study_ino in self._studies:
             return self._studies[study_ino]
-        ino = study_ino
-        node = self.index.node(ino)
-        while node is not None and node.kind == DIR:
-            first = self.index.entries(node.ino, None, 1)
-            node = first[0] if first else None
-        manifest = self.index.manifest(node.instance) if node is not None else None
+        manifest = self.index.first_manifest(study_ino)
         if manifest is None:
             return None  # an empty folder: nothing to show, and not remembered
         inst = manifest.instance

@@ -24,7 +24,9 @@ so that keys sort numerically, little-endian in values):
                A series is listed with one read; a file is found in it by name (by a
                table of the names' CRC-32), inode or image number with a binary
                search.  A write transaction rewrites a listing once, as it commits
-               (:class:`Index._WriteTxn`).
+               (:class:`Index._WriteTxn`).  Reads keep the listings they decode
+               whole, and use them while the stored value is unchanged
+               (:class:`listing.Cache`).
 ``dirents``    parent inode (u64 BE) + name bytes -> child inode (u64 BE), for every
                node but instance files (which are in ``files``).
                Sorted by name within a folder: a listing is one cursor walk.
@@ -178,6 +180,9 @@ _U32 = struct.Struct(">I")
 _STATE = b"state\0"  # meta: access state changed, not yet at the sites
 FORMAT = b"4"  # see the schema above, animfs.listing and animfs.record
 UPGRADABLE_FORMATS = (b"1", b"2", b"3")
+# Files of the decoded series listings an Index keeps for reads (listing.Cache),
+# about 1 KB each in memory.
+LISTING_CACHE_FILES = 16384
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +316,7 @@ class Index:
         self.path = path
         self._staged_txn: lmdb.Transaction | None = None  # see _WriteTxn
         self._staged: dict[int, listing.Listing] = {}
+        self._listings = listing.Cache(LISTING_CACHE_FILES)
         with self.env.begin(write=True) as txn:
             self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in _DBS}
         try:
@@ -443,14 +449,27 @@ class Index:
     # -- series listings (animfs.listing) ---------------------------------------------
 
     def _files_in(
-        self, txn: lmdb.Transaction, series: int
+        self, txn: lmdb.Transaction, series: int, *, whole: bool = False
     ) -> listing.View | listing.Listing | None:
         """The files of the series folder ``series`` as ``txn`` sees them; None if it
-        has none (or is not a series folder)."""
-        if txn is self._staged_txn and series in self._staged:
-            return self._staged[series]
+        has none (or is not a series folder).  In a read transaction, from the
+        decoded listings kept between transactions where they are still right
+        (:class:`listing.Cache`); ``whole``: the caller goes through the listing from
+        its start, so it is decoded and kept."""
+        if txn is self._staged_txn:
+            if series in self._staged:
+                return self._staged[series]
+            data = txn.get(_ino_key(series), db=self._db["files"])
+            return None if data is None else listing.View(data)
+        snapshot = txn.id()
+        known = self._listings.known(series, snapshot)
+        if known is not False:
+            return known
         data = txn.get(_ino_key(series), db=self._db["files"])
-        return None if data is None else listing.View(data)
+        found = self._listings.read(series, snapshot, data)
+        if whole and isinstance(found, listing.View) and data is not None:
+            return self._listings.fill(series, snapshot, data)
+        return found
 
     def _staging(self, txn: lmdb.Transaction, series: int) -> listing.Listing:
         """The files of the series folder ``series``, for the write transaction ``txn``
@@ -616,7 +635,8 @@ class Index:
         prefix = _U64.pack(parent)
         out: list[Node] = []
         with self.env.begin(buffers=True) as txn:
-            files = self._files_in(txn, parent)
+            # From its start, and more than a peek at its first entry: decoded and kept.
+            files = self._files_in(txn, parent, whole=after is None and limit > 1)
             if files is not None:
                 return [_file_node(parent, e) for e in itertools.islice(files.after(after), limit)]
             cursor = txn.cursor(db=self._db["dirents"])
@@ -639,6 +659,38 @@ class Index:
     def manifest(self, key: bytes) -> Manifest | None:
         with self.env.begin(buffers=True) as txn:
             return self._manifest_in(txn, key)
+
+    def file_manifest(self, ino: int) -> Manifest | None:
+        """The manifest of the instance file ``ino``, or None if it is not one.
+
+        Found from the file's node and its series' listing, which whoever asks has
+        usually just read: unlike :meth:`manifest`, it reads nothing from
+        ``instances``, whose entry for a file is a page of its own among millions
+        (every page a read touches is mapped into the process, with its neighbours)."""
+        with self.env.begin(buffers=True) as txn:
+            data = self._record_in(txn, ino)
+            return None if data is None else self._decode_in(txn, data)
+
+    def first_manifest(self, folder: int) -> Manifest | None:
+        """The manifest of the first instance below ``folder`` (first by name at each
+        level), or None if it has none.
+
+        Goes down by the first entry in ``dirents`` and then in the series' listing,
+        reading neither the nodes of the folders passed nor ``instances``: a
+        patient's or study's owner (access control asks for it for every folder
+        it shows) costs a page of each level, not three more random ones."""
+        with self.env.begin(buffers=True) as txn:
+            cursor = txn.cursor(db=self._db["dirents"])
+            for _level in range(4):  # patient -> study -> series -> its listing
+                files = self._files_in(txn, folder)
+                if files is not None:
+                    first = next(iter(files), None)
+                    return None if first is None else self._decode_in(txn, first.record)
+                prefix = _U64.pack(folder)
+                if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
+                    return None
+                folder = _U64.unpack(cursor.value())[0]
+        return None
 
     def manifest_bytes(self, key: bytes) -> bytes | None:
         """The manifest as stored at the sites (JSON), from its instance record."""

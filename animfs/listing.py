@@ -20,15 +20,18 @@ the image number is its number on the patient's medium (``IMnnnnnn`` under /cd).
 number is a binary search in a table of fixed-width items, which touches a page or
 two of a listing of thousands, then the one entry.  :class:`Listing` is
 the form a write transaction changes; it is encoded once, when it commits.
+:class:`Cache` keeps decoded listings for reads, between transactions.
 """
 
 from __future__ import annotations
 
 import bisect
 import struct
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from animfs import record
 
@@ -235,3 +238,78 @@ class Listing:
             b"".join(_BY_NAME.pack(crc, i) for crc, i in by_name),
             bytes(body),
         ])
+
+
+class Cache:
+    """Decoded listings for reads, kept between read transactions.
+
+    Decoding a listing costs about 5 us a file, and a series is read many times
+    in a row: the kernel lists a folder in batches, ``ls -l`` then stats each
+    file, a viewer opens them one after another.  A listing is kept with its
+    stored bytes and the snapshot (LMDB transaction id) it was read in.  Until
+    something commits, the snapshot is the same and the listing is used as is,
+    without touching the index at all; after a commit, it is used if its stored
+    value is still byte for byte the same (which reads the value's pages, but
+    decodes nothing).  Only whole listings read for a listing from its start are
+    kept (:meth:`fill`): a file looked up in a series of thousands reads a page or
+    two of its value, far less than decoding it.  Folders found to have no listing
+    are remembered for one snapshot.  At most ``max_files`` files are held (least
+    recently used listings go first); the mount's threads share it, hence the lock.
+    """
+
+    def __init__(self, max_files: int) -> None:
+        self.max_files = max_files
+        self._held = 0
+        self._lock = threading.Lock()
+        # series -> (snapshot last confirmed, stored bytes, decoded)
+        self._listings: OrderedDict[int, tuple[int, bytes, Listing]] = OrderedDict()
+        self._none: set[int] = set()  # folders without a listing, in snapshot _none_at
+        self._none_at = -1
+
+    def known(self, folder: int, snapshot: int) -> Listing | None | Literal[False]:
+        """What is known of ``folder`` in ``snapshot`` without reading it: its listing,
+        None if it has none, or False if that must be read."""
+        with self._lock:
+            if snapshot == self._none_at and folder in self._none:
+                return None
+            held = self._listings.get(folder)
+            if held is None or held[0] != snapshot:
+                return False
+            self._listings.move_to_end(folder)
+            return held[2]
+
+    def read(
+        self, folder: int, snapshot: int, data: bytes | memoryview | None
+    ) -> Listing | View | None:
+        """The listing of ``folder`` from its stored value ``data`` as read in
+        ``snapshot``: the kept one if it is still the same, else the value in place."""
+        if data is None:
+            with self._lock:
+                if snapshot != self._none_at:
+                    self._none, self._none_at = set(), snapshot
+                self._none.add(folder)
+            return None
+        with self._lock:
+            held = self._listings.pop(folder, None)
+            if held is not None:
+                if held[1] == bytes(data):  # unchanged by what was committed since
+                    self._listings[folder] = (snapshot, held[1], held[2])
+                    return held[2]
+                self._held -= len(held[2])
+        return View(data)
+
+    def fill(self, folder: int, snapshot: int, data: bytes | memoryview) -> Listing:
+        """Decode the stored listing ``data`` of ``folder`` read in ``snapshot``, and keep it."""
+        decoded = Listing.load(data)
+        if len(decoded) > self.max_files:
+            return decoded
+        with self._lock:
+            old = self._listings.pop(folder, None)
+            if old is not None:
+                self._held -= len(old[2])
+            self._listings[folder] = (snapshot, bytes(data), decoded)
+            self._held += len(decoded)
+            while self._held > self.max_files:
+                _folder, (_snap, _raw, gone) = self._listings.popitem(last=False)
+                self._held -= len(gone)
+        return decoded

@@ -88,3 +88,34 @@ def test_a_series_of_1100_files_grown_in_three_ingests(
         assert committed[400].instance.sop_uid in dump
     verify = archive.run("verify")
     assert "index: consistent" in verify.stdout + verify.stderr
+
+
+def test_a_series_grown_while_mounted_lists_its_new_files(
+    archive: Archive, big_series: list[Path]
+) -> None:
+    # The mount keeps the listings it has read (index.Index: listing.Cache); an ingest
+    # by another process into a series it has listed must show at the next listing.
+    parts = [big_series[:300], big_series[300:420]]
+    for i, part in enumerate(parts):
+        folder = archive.dir / f"part{i}"
+        folder.mkdir()
+        for path in part:
+            os.link(path, folder / path.name)
+    archive.ingest(archive.dir / "part0")
+    with archive.mounted() as m:
+        patient = next((m / "patients").iterdir())
+        series = next(next(patient.iterdir()).iterdir())
+        before = os.listdir(series)
+        assert len(before) == 300
+        (series / before[0]).read_bytes()  # opened: its record is kept too
+        archive.ingest(archive.dir / "part1")
+        after = os.listdir(series)
+        assert len(after) == 420 and set(before) < set(after)
+        assert [n.encode() for n in after] == sorted(n.encode() for n in after)
+        new = sorted(set(after) - set(before))
+        for name in (new[0], new[-1]):
+            assert os.stat(series / name).st_size > 0
+            assert (series / name).read_bytes()[128:132] == b"DICM"
+        ls = subprocess.run(["ls", "-l", str(series)], capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+        assert len(ls.splitlines()) == 420 + 1

@@ -145,3 +145,58 @@ def test_a_series_listing_finds_each_file_by_name_inode_and_number() -> None:
     found = view.find(b"zz_renamed.dcm")
     assert found is not None
     assert record.decode(found.record, lambda ino: shared) == series[0].with_placement(renamed)
+
+
+def test_kept_listings_are_used_only_while_they_are_what_is_stored() -> None:
+    made = list(gen_index.instances(300, seed=9, start_ns=10**18))
+    series = [m for m in made if m.placement.series_ino == made[-1].placement.series_ino]
+    shared = record.encode_series(series[0])
+    files = listing.Listing([listing.entry_of(0, record.encode_instance(m, shared))
+                             for m in series[:-1]])
+    stored = files.encode()
+    cache = listing.Cache(max_files=len(series) * 2 - 2)
+    assert cache.known(7, snapshot=1) is False  # never read: must be read
+    kept = cache.fill(7, 1, memoryview(stored))
+    assert list(kept) == list(files)
+    assert cache.known(7, snapshot=1) is kept  # same snapshot: used without a read
+    assert cache.known(7, snapshot=2) is False  # something was committed since
+    assert cache.read(7, 2, stored) is kept  # ... but not to this listing
+    assert cache.known(7, snapshot=2) is kept
+    files.put(listing.entry_of(0, record.encode_instance(series[-1], shared)))
+    grown = cache.read(7, 3, files.encode())  # this listing changed: the stored one
+    assert isinstance(grown, listing.View) and len(grown) == len(series)
+    assert cache.known(7, snapshot=3) is False and cache.known(7, snapshot=1) is False
+    assert cache.read(8, 3, None) is None  # no listing: remembered for this snapshot only
+    assert cache.known(8, snapshot=3) is None and cache.known(8, snapshot=4) is False
+    cache.fill(9, 4, stored)
+    cache.fill(10, 4, files.encode())  # more files than it may hold: the oldest go
+    assert cache.known(9, snapshot=4) is False and cache.known(10, snapshot=4) is not False
+    assert len(cache.fill(11, 4, listing.Listing(list(files) * 3).encode())) == len(series) * 3
+    assert cache.known(11, snapshot=4) is False  # too big to keep at all
+
+
+def test_an_index_lists_what_was_committed_since_it_last_listed(tmp_path: Path) -> None:
+    made = list(gen_index.instances(600, seed=11, start_ns=10**18))
+    last = made[-1].placement
+    series = [m for m in made if m.placement.series_ino == last.series_ino]
+    assert len(series) > 3
+    index = Index(tmp_path / "idx", map_size=1 << 30)
+    try:
+        index.bulk_add(m for m in made if m not in series[-2:])
+        listed = index.entries(last.series_ino, None, 10_000)  # listed whole: kept
+        assert [n.ino for n in listed] == [m.placement.file_ino for m in series[:-2]]
+        assert index.lookup(last.series_ino, last.file_name.encode()) is None
+        index.bulk_add(series[-2:])
+        names = [n.name.decode() for n in index.entries(last.series_ino, None, 10_000)]
+        assert names == [m.placement.file_name for m in series]
+        found = index.lookup(last.series_ino, last.file_name.encode())
+        assert found is not None and found.ino == last.file_ino
+        assert index.file_manifest(last.file_ino) == series[-1] == index.manifest(series[-1].key)
+        assert index.file_manifest(last.series_ino) is None
+        first = min(made, key=lambda m: (m.placement.study_name, m.placement.series_name,
+                                         m.placement.file_name)
+                    if m.placement.patient_ino == last.patient_ino else ("\uffff",))
+        assert index.first_manifest(last.patient_ino) == first
+        assert index.first_manifest(1 << 40) is None
+    finally:
+        index.close()
