@@ -244,8 +244,8 @@ def test_consent_grant_revoke_and_record_state(world: World) -> None:
     for (_, path, _, _), (_, file, decision, _) in zip(logged, expected, strict=True):
         relative = file.relative_to(world.mount.path)
         on_the_way = [str(relative), *(str(folder) for folder in relative.parents)]
-        allowed_at = [str(relative)] if decision == "allow" else on_the_way
-        assert path in allowed_at, (path, file)
+        logged_at = [str(relative)] if decision == "allow" else on_the_way
+        assert path in logged_at, (path, file)
     last = audit_lines(a)[-1]
     assert (last["process"], last["user"], last["institution"], last["role"]) == (
         "cat",
