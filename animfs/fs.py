@@ -46,6 +46,7 @@ SERIES_AHEAD = 8  # following files of a folder fetched when one is opened ...
 SERIES_CHUNKS = 2  # ... up to this many chunks of each
 SEQUENTIAL_SLACK = CHUNK_SIZE  # a read this close to where the last one ended is sequential
 PREFETCHED_MEMORY = 4096  # inodes remembered as prefetched, so each is fetched once
+FOLDERS_AHEAD = 256  # folders whose window of files listed ahead is kept
 OPENABLE_MEMORY = 4096  # files whose node and instance record are kept for opens (~1.6 KB each)
 
 P = ParamSpec("P")
@@ -173,8 +174,8 @@ class Operations(pyfuse3.Operations):
         # (inode, bypass) already prefetched: backup prefetches must not stop a
         # clinician's open from warming the caches
         self._prefetched: OrderedDict[tuple[int, bool], None] = OrderedDict()
-        # ... and (inode, bypass) whose following files were, when it was opened
-        self._followed: OrderedDict[tuple[int, bool], None] = OrderedDict()
+        # (folder inode, bypass) -> names listed ahead of the last file opened there
+        self._ahead: OrderedDict[tuple[int, bool], list[bytes]] = OrderedDict()
         # Files as open needs them (node and instance record), by inode: neither ever
         # changes once committed, and reading and decoding them cost about as much
         # as the round trip of the open itself.  Filled by opens and series prefetch.
@@ -424,16 +425,31 @@ class Operations(pyfuse3.Operations):
         """Start fetching the next files of the folder, in listing order: viewers,
         converters and backups read a series one file after another, and each file
         of a series is typically a chunk or less, so waiting for each in turn would
-        cost a site round trip per file.  A file opened again (a series read twice)
-        does not list its folder again: its following files were seen to then."""
-        if not _remember(self._followed, (node.ino, bypass)):
-            return
-        for sibling in self.index.entries(node.parent, node.name, self.series_ahead):
-            if sibling.kind != FILE or not _remember(self._prefetched, (sibling.ino, bypass)):
-                continue
-            manifest = self._keep(sibling)
-            if manifest is not None:
-                self.cache.prefetch(manifest.chunks[:SERIES_CHUNKS], bypass=bypass)
+        cost a site round trip per file.
+
+        A reader going through a folder opens the files listed ahead of it one by
+        one, so the window of names listed ahead is kept per folder, and an open
+        lists only the entries that have come into reach since the last one (one
+        per open, rather than ``series_ahead``: each entry listed is a record decoded
+        on the trio thread, which serves every request)."""
+        key = (node.parent, bypass)
+        ahead = self._ahead.pop(key, [])
+        if node.name in ahead:  # the reader moved on within the window
+            ahead = ahead[ahead.index(node.name) + 1 :]
+        else:  # the first open in this folder, or a jump: start the window here
+            ahead = []
+        if len(ahead) < self.series_ahead:
+            after = ahead[-1] if ahead else node.name
+            for sibling in self.index.entries(node.parent, after, self.series_ahead - len(ahead)):
+                ahead.append(sibling.name)
+                if sibling.kind != FILE or not _remember(self._prefetched, (sibling.ino, bypass)):
+                    continue
+                manifest = self._keep(sibling)
+                if manifest is not None:
+                    self.cache.prefetch(manifest.chunks[:SERIES_CHUNKS], bypass=bypass)
+        self._ahead[key] = ahead
+        if len(self._ahead) > FOLDERS_AHEAD:
+            self._ahead.popitem(last=False)
 
     async def _authorize(
         self, node: Node, manifest: Manifest, ctx: pyfuse3.RequestContext, path: str = ""

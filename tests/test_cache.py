@@ -281,6 +281,44 @@ def test_cache_prefetch_warms_a_study_with_and_without_a_mount(
     assert status["cache"]["entries"] == 0 and status["cache"]["bytes"] == 0
 
 
+def test_opening_a_series_in_order_prefetches_the_files_ahead(
+    archive: Archive, sources: Path
+) -> None:
+    """Each open fetches the files listed after it, ``series_prefetch`` of them, also when
+    the reader skips one, starts again, or leaves the folder and comes back; nothing
+    further ahead, and never the file opened (opening reads nothing)."""
+    archive.ingest(sources)
+    set_cache_keys(archive, series_prefetch=3)
+    with archive.mounted() as m:
+        series = sorted(next((m.path / "patients").glob("*/*/002_*")).iterdir())
+        large = next((m.path / "patients").glob("*/*/001_*/*"))
+        assert len(series) == 24
+
+        def open_close(path: Path) -> None:
+            os.close(os.open(path, os.O_RDONLY))
+
+        def cached() -> list[int]:
+            settled_cache(archive)
+            return [i for i, path in enumerate(series)
+                    if os.getxattr(path, "user.animfs.cached") == b"1"]
+
+        for i in range(5):  # in order
+            open_close(series[i])
+        assert cached() == list(range(1, 8))
+        open_close(series[6])  # skips 5
+        assert cached() == list(range(1, 10))
+        open_close(large)  # another folder, then back
+        open_close(series[7])
+        assert cached() == list(range(1, 11))
+        open_close(series[15])  # a jump forward
+        assert cached() == [*range(1, 11), 16, 17, 18]
+        open_close(series[16])
+        assert cached() == [*range(1, 11), 16, 17, 18, 19]
+        for i in range(19, 24):  # up to the end of the folder
+            open_close(series[i])
+        assert cached() == [*range(1, 11), *range(16, 24)]
+
+
 def test_reads_of_any_size_and_offset_match_the_original(archive: Archive, sources: Path) -> None:
     archive.ingest(sources / "large")
     original = (sources / "large" / "big.dcm").read_bytes()
