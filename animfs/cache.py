@@ -298,7 +298,7 @@ class ChunkCache:
                 return check_stored(ref, stored, self.keys, rehash=False)
 
         if self.disk is not None:
-            cached = self.disk.get(ref.id, check, promote=not bypass)
+            cached = self.disk.get(ref.id, check, promote=not bypass, size=ref.stored)
             if cached is not None:
                 return cached
         (data, stored), _site = self.store.read(

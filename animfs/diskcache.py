@@ -32,6 +32,7 @@ once; the lock guards the bookkeeping only and is never held during I/O.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ class DiskCache:
         self.dir = directory
         self.max_bytes = max_bytes
         self.chunks = directory / "chunks"
+        self._chunks = str(self.chunks)  # entries are looked up by string: no Path per read
         self.tmp = directory / "tmp"
         self.marker = directory / "changed"
         for folder in (self.chunks, self.tmp):
@@ -82,17 +84,28 @@ class DiskCache:
 
     # -- reads -----------------------------------------------------------------------------
 
-    def get(self, chunk_id: str, check: Callable[[bytes], T], *, promote: bool = True) -> T | None:
+    def get(
+        self,
+        chunk_id: str,
+        check: Callable[[bytes], T],
+        *,
+        promote: bool = True,
+        size: int | None = None,
+    ) -> T | None:
         """``check(stored bytes)`` of the cached entry, or None on a miss.
 
         ``check`` raises CorruptObject for bad bytes: the entry is then deleted
         and this is a miss.  ``promote=False`` (backup reads) leaves the LRU
         order, the entry's mtime and the hit/miss counters as they were.
+
+        ``size``, the stored size the manifest gives, lets the entry be read in one
+        ``read`` (at most one byte more, so a longer entry is still seen, and fails
+        ``check``): the mount reads a chunk per small file, and each system call
+        here is also a hand-over of the GIL, which the trio thread waits for.
         """
-        path = self.path(chunk_id)
+        path = os.path.join(self._chunks, chunk_id[:2], chunk_id)
         try:
-            with open(path, "rb") as f:
-                stored = f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self._forget(chunk_id)
             self._count("misses" if promote else "bypass_misses")
@@ -102,10 +115,21 @@ class DiskCache:
             self._count("misses" if promote else "bypass_misses")
             return None
         try:
+            stored = _read_all(fd, size)
+            if promote:
+                with contextlib.suppress(OSError):
+                    os.utime(fd)  # the LRU order, for the next load
+        except OSError as exc:
+            log.warning("disk cache: cannot read %s: %s", path, exc.strerror)
+            self._count("misses" if promote else "bypass_misses")
+            return None
+        finally:
+            os.close(fd)
+        try:
             value = check(stored)
         except CorruptObject as exc:
             log.warning("disk cache: dropping damaged entry %s: %s", chunk_id[:16], exc.reason)
-            self._unlink(path)
+            self._unlink(Path(path))
             self._forget(chunk_id)
             self._count("corrupt_dropped")
             self._count("misses" if promote else "bypass_misses")
@@ -124,10 +148,6 @@ class DiskCache:
                 self._bytes += len(stored)
                 victims = self._evict()
         self._remove(victims)
-        try:
-            os.utime(path)  # the LRU order, for the next load
-        except OSError:
-            pass
         return value
 
     def contains(self, chunk_id: str) -> bool:
@@ -308,6 +328,20 @@ class DiskCache:
                 "hit_rate": round(self.counters["hits"] / reads, 4) if reads else None,
                 "since": self.since,
             }
+
+
+def _read_all(fd: int, size: int | None) -> bytes:
+    """The whole file open at ``fd``, in one read when it has the ``size`` expected
+    (a regular file reads short only at its end)."""
+    if size is None:
+        size = os.fstat(fd).st_size
+    data = os.read(fd, size + 1)
+    if len(data) <= size:
+        return data
+    parts = [data]  # longer than expected: damaged, but read as it is
+    while part := os.read(fd, 1 << 20):
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _scandir(folder: Path) -> list[os.DirEntry[str]]:
