@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from animfs.store.base import CorruptObject
+from animfs.store.local import read_all
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class DiskCache:
             self._count("misses" if promote else "bypass_misses")
             return None
         try:
-            stored = _read_all(fd, size)
+            stored = read_all(fd, size)
             if promote:
                 with contextlib.suppress(OSError):
                     os.utime(fd)  # the LRU order, for the next load
@@ -346,20 +347,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _read_all(fd: int, size: int | None) -> bytes:
-    """The whole file open at ``fd``, in one read when it has the ``size`` expected
-    (a regular file reads short only at its end)."""
-    if size is None:
-        size = os.fstat(fd).st_size
-    data = os.read(fd, size + 1)
-    if len(data) <= size:
-        return data
-    parts = [data]  # longer than expected: damaged, but read as it is
-    while part := os.read(fd, 1 << 20):
-        parts.append(part)
-    return b"".join(parts)
 
 
 def _scandir(folder: Path) -> list[os.DirEntry[str]]:
