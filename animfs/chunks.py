@@ -13,10 +13,11 @@ interleaved with the noisy low bytes.  For such a file ingest asks for a
 *shuffle* of width w (:func:`seal`): the chunk's bytes are regrouped by their
 place in a w-byte sample (every first byte, then every second byte, ...; the
 last ``len % w`` bytes stay at the end) before zstd sees them, as HDF5's and
-Blosc's shuffle filters do.  On generated CT series at level 1 this stores 22%
-fewer bytes (3.6x instead of 2.8x), compresses 1.8x faster and decompresses
-1.2x faster, un-shuffle included.  Such a chunk's zstd frame is preceded by a
-9-byte zstd *skippable frame* that names the filter::
+Blosc's shuffle filters do.  On generated CT and MR series at level 1 this
+stores about 20% fewer bytes (3.3x instead of 2.6x); in CPU time, sealing is
+1.15x and decompression, un-shuffle included, 1.3x as fast.  Such a chunk's
+zstd frame is preceded by a 9-byte zstd *skippable frame* that names the
+filter::
 
     5A 2A 4D 18   01 00 00 00   w
 
@@ -43,7 +44,6 @@ import hashlib
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import zstandard
@@ -55,7 +55,8 @@ ZSTD_LEVEL = 1  # 1.6x the compression speed of level 3 on CT data, for 5% more 
 SHUFFLE_WIDTHS = (2, 4, 8)  # sample widths the shuffle filter takes (bytes)
 _FILTER = struct.Struct("<IIB")  # skippable-frame magic, payload length (1), shuffle width
 _SKIPPABLE_MAGIC = 0x184D2A5A
-_WORD: dict[int, type[np.unsignedinteger[Any]]] = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_FILTER_MAGIC = struct.pack("<I", _SKIPPABLE_MAGIC)  # how a filtered frame starts
+_WORD = {2: "<u2", 4: "<u4", 8: "<u8"}  # a sample as a little-endian integer (numpy dtype)
 
 
 class CorruptChunk(Exception):
@@ -132,7 +133,7 @@ def unshuffled(data: bytes, width: int) -> bytes:
     releases the GIL for this, as zstd does for the decompression.
     """
     samples = len(data) // width
-    word = np.dtype(_WORD[width]).newbyteorder("<")
+    word = _WORD[width]
     planes = np.frombuffer(data, np.uint8, count=samples * width).reshape(width, samples)
     words = np.empty(samples, word)
     np.left_shift(planes[width - 1], 8 * (width - 1), out=words, dtype=word)
@@ -148,7 +149,7 @@ def unshuffled(data: bytes, width: int) -> bytes:
 
 def _filter(frame: bytes) -> tuple[int, bytes | memoryview]:
     """(shuffle width or 0, the zstd frame after the filter's skippable frame)."""
-    if len(frame) < _FILTER.size or frame[:4] != _FILTER.pack(_SKIPPABLE_MAGIC, 0, 0)[:4]:
+    if len(frame) < _FILTER.size or frame[:4] != _FILTER_MAGIC:
         return 0, frame
     _magic, length, width = _FILTER.unpack_from(frame)
     if length != 1 or width not in SHUFFLE_WIDTHS:

@@ -92,7 +92,6 @@ def put_varint(out: bytearray, n: int) -> None:
     out.append(n)
 
 
-
 def read_varint(data: bytes | memoryview, pos: int, end: int | None = None) -> tuple[int, int]:
     """(value, next position) of the varint at ``pos``; RecordError if it runs past
     ``end`` (default: the end of ``data``)."""
