@@ -85,7 +85,11 @@ class DiskCache:
         self.since = time.time()
 
     def path(self, chunk_id: str) -> Path:
-        return self.chunks / chunk_id[:2] / chunk_id
+        return Path(self._entry(chunk_id))
+
+    def _entry(self, chunk_id: str) -> str:
+        """An entry's file name, as a string: the hot paths make no Path."""
+        return os.path.join(self._chunks, chunk_id[:2], chunk_id)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -104,11 +108,11 @@ class DiskCache:
         order, the entry's mtime and the hit/miss counters as they were.
 
         ``size``, the stored size the manifest gives, lets the entry be read in one
-        ``read`` (at most one byte more, so a longer entry is still seen, and fails
-        ``check``): the mount reads a chunk per small file, and each system call
-        here is also a hand-over of the GIL, which the trio thread waits for.
+        ``read`` (of one byte more, so that a longer entry is seen and read whole, for
+        ``check`` to judge): the mount reads a chunk per small file, and each system
+        call here is also a hand-over of the GIL, which the trio thread waits for.
         """
-        path = os.path.join(self._chunks, chunk_id[:2], chunk_id)
+        path = self._entry(chunk_id)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -193,7 +197,7 @@ class DiskCache:
         """Write an entry by temp-and-rename.  With os calls on strings: a buffered
         ``open`` of a Path, and a uuid4 name (a getrandom call) for each, cost a third
         more CPU per entry, and every cold read of a small file writes one."""
-        path = os.path.join(self._chunks, chunk_id[:2], chunk_id)
+        path = self._entry(chunk_id)
         # Unique among the processes sharing the folder, and among this one's threads.
         tmp = os.path.join(self._tmp, f"{self._tmp_prefix}-{next(self._tmp_numbers)}")
         try:
