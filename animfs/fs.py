@@ -51,6 +51,8 @@ OPENABLE_MEMORY = 4096  # files whose node and instance record are kept for open
 
 P = ParamSpec("P")
 R = TypeVar("R")
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -120,13 +122,18 @@ FILE_XATTRS = (*DICOM_XATTRS, *ANIMFS_FILE_XATTRS)
 DIR_XATTRS = (b"user.animfs.subdirs", b"user.animfs.files", b"user.animfs.bytes")
 
 
+def _keep_last(memory: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
+    """Set ``memory[key]``, forgetting the oldest entries beyond ``limit``."""
+    memory[key] = value
+    if len(memory) > limit:
+        memory.popitem(last=False)
+
+
 def _remember(memory: OrderedDict[tuple[int, bool], None], key: tuple[int, bool]) -> bool:
     """Add ``key`` to a memory of the last :data:`PREFETCHED_MEMORY`; False if it was there."""
     if key in memory:
         return False
-    memory[key] = None
-    if len(memory) > PREFETCHED_MEMORY:
-        memory.popitem(last=False)
+    _keep_last(memory, key, None, PREFETCHED_MEMORY)
     return True
 
 
@@ -416,9 +423,7 @@ class Operations(pyfuse3.Operations):
         """The instance record of a file, kept in memory with its node for its next opens."""
         manifest = self.index.file_manifest(node.ino)
         if manifest is not None:
-            self._openable[node.ino] = (node, manifest)
-            if len(self._openable) > OPENABLE_MEMORY:
-                self._openable.popitem(last=False)
+            _keep_last(self._openable, node.ino, (node, manifest), OPENABLE_MEMORY)
         return manifest
 
     def _prefetch_following(self, node: Node, bypass: bool) -> None:
@@ -447,9 +452,7 @@ class Operations(pyfuse3.Operations):
                 manifest = self._keep(sibling)
                 if manifest is not None:
                     self.cache.prefetch(manifest.chunks[:SERIES_CHUNKS], bypass=bypass)
-        self._ahead[key] = ahead
-        if len(self._ahead) > FOLDERS_AHEAD:
-            self._ahead.popitem(last=False)
+        _keep_last(self._ahead, key, ahead, FOLDERS_AHEAD)
 
     async def _authorize(
         self, node: Node, manifest: Manifest, ctx: pyfuse3.RequestContext, path: str = ""
