@@ -214,18 +214,24 @@ class Node:
     subdirs: int = 0  # dirs: sub-folders
     files: int = 0  # dirs: files anywhere below
     bytes_below: int = 0  # dirs: bytes of those files
-    instance: bytes = b""  # files: instance key
+    sop_uid: str = ""  # instance files: the SOPInstanceUID
     target: bytes = b""  # links
 
     @property
     def is_dir(self) -> bool:
         return self.kind == DIR
 
+    @property
+    def instance(self) -> bytes:
+        """An instance file's instance key (b"" for any other node): hashed when asked
+        for, not for every entry of a listing."""
+        return instance_key(self.sop_uid) if self.sop_uid else b""
+
 
 def _encode_node(n: Node) -> bytes:
     """The node value of a folder, a link or a fixed file (an instance file's is
     :meth:`Index._node_in`)."""
-    assert not n.instance, "an instance file is in its series' listing"
+    assert not n.sop_uid, "an instance file is in its series' listing"
     head = _HEAD.pack(n.kind, n.parent, n.mtime_ns, n.size, len(n.name)) + n.name
     if n.kind == DIR:
         return head + _DIR_TAIL.pack(n.subdirs, n.files, n.bytes_below)
@@ -239,7 +245,7 @@ def _in_series(series: int) -> bytes:
 
 def _file_node(series: int, entry: listing.Entry) -> Node:
     return Node(entry.ino, FILE, series, entry.name, entry.mtime_ns, entry.size,
-                instance=instance_key(entry.sop_uid))
+                sop_uid=entry.sop_uid)
 
 
 def _decode_node(ino: int, data: bytes | memoryview | None) -> Node:
