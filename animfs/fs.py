@@ -48,6 +48,7 @@ SEQUENTIAL_SLACK = CHUNK_SIZE  # a read this close to where the last one ended i
 PREFETCHED_MEMORY = 4096  # inodes remembered as prefetched, so each is fetched once
 FOLDERS_AHEAD = 256  # folders whose window of files listed ahead is kept
 OPENABLE_MEMORY = 4096  # files whose node and instance record are kept for opens (~1.6 KB each)
+FILE_NODES_MEMORY = 16384  # instance files' nodes kept from their lookups (~0.4 KB each)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -181,8 +182,10 @@ class Operations(pyfuse3.Operations):
         # (inode, bypass) already prefetched: backup prefetches must not stop a
         # clinician's open from warming the caches
         self._prefetched: OrderedDict[tuple[int, bool], None] = OrderedDict()
-        # (folder inode, bypass) -> names listed ahead of the last file opened there
-        self._ahead: OrderedDict[tuple[int, bool], list[bytes]] = OrderedDict()
+        # (folder inode, bypass) -> the name of the last file opened there, and the
+        # names listed ahead of it
+        self._ahead: OrderedDict[tuple[int, bool], tuple[bytes, list[bytes]]] = OrderedDict()
+        self._file_nodes: OrderedDict[int, Node] = OrderedDict()  # see _node
         # Files as open needs them (node and instance record), by inode: neither ever
         # changes once committed, and reading and decoding them cost about as much
         # as the round trip of the open itself.  Filled by opens and series prefetch.
@@ -217,6 +220,16 @@ class Operations(pyfuse3.Operations):
         return attr
 
     def _node(self, ino: int) -> Node:
+        """The node of ``ino``; ENOENT if there is none.
+
+        An instance file's node never changes once committed, and the kernel asks for
+        one (getattr, open) only after a lookup found it: the last looked up are kept
+        by inode, so that neither reads the index again.  On an index of millions of
+        instances each such read costs a page fault or two (scripts/bench_scale.py)."""
+        known = self._file_nodes.get(ino)
+        if known is not None:
+            self._file_nodes.move_to_end(ino)
+            return known
         if is_cd(ino):
             entry = self.cd.entry(ino)
             node = None if entry is None else entry.node
@@ -224,7 +237,12 @@ class Operations(pyfuse3.Operations):
             node = self.index.node(ino)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        self._keep_file_node(node)
         return node
+
+    def _keep_file_node(self, node: Node) -> None:
+        if node.sop_uid:
+            _keep_last(self._file_nodes, node.ino, node, FILE_NODES_MEMORY)
 
     @handler
     async def lookup(
@@ -242,6 +260,7 @@ class Operations(pyfuse3.Operations):
                 hidden = self.guard.conceals_missing(ctx.uid, parent_inode)
                 raise pyfuse3.FUSEError(errno.EACCES if hidden else errno.ENOENT)
             node = found
+            self._keep_file_node(node)
         if not self.guard.may_see(ctx.uid, node):
             await self._audit_refused_lookup(node, ctx)
             raise pyfuse3.FUSEError(errno.EACCES)
@@ -436,13 +455,15 @@ class Operations(pyfuse3.Operations):
         one, so the window of names listed ahead is kept per folder, and an open
         lists only the entries that have come into reach since the last one (one
         per open, rather than ``series_ahead``: each entry listed is a record decoded
-        on the trio thread, which serves every request)."""
+        on the trio thread, which serves every request).  Opening the same file again
+        lists nothing."""
         key = (node.parent, bypass)
-        ahead = self._ahead.pop(key, [])
+        last, ahead = self._ahead.pop(key, (b"", []))
         if node.name in ahead:  # the reader moved on within the window
             ahead = ahead[ahead.index(node.name) + 1 :]
-        else:  # the first open in this folder, or a jump: start the window here
+        elif node.name != last:  # the first open in this folder, or a jump: start here
             ahead = []
+        # else opened again (a toolkit reads the header, then the pixels): same window
         if len(ahead) < self.series_ahead:
             after = ahead[-1] if ahead else node.name
             for sibling in self.index.entries(node.parent, after, self.series_ahead - len(ahead)):
@@ -452,7 +473,7 @@ class Operations(pyfuse3.Operations):
                 manifest = self._keep(sibling)
                 if manifest is not None:
                     self.cache.prefetch(manifest.chunks[:SERIES_CHUNKS], bypass=bypass)
-        _keep_last(self._ahead, key, ahead, FOLDERS_AHEAD)
+        _keep_last(self._ahead, key, (node.name, ahead), FOLDERS_AHEAD)
 
     async def _authorize(
         self, node: Node, manifest: Manifest, ctx: pyfuse3.RequestContext, path: str = ""

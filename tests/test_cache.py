@@ -285,8 +285,8 @@ def test_opening_a_series_in_order_prefetches_the_files_ahead(
     archive: Archive, sources: Path
 ) -> None:
     """Each open fetches the files listed after it, ``series_prefetch`` of them, also when
-    the reader skips one, starts again, or leaves the folder and comes back; nothing
-    further ahead, and never the file opened (opening reads nothing)."""
+    the reader skips one, starts again, opens a file again, or leaves the folder and comes
+    back; nothing further ahead, and never the file opened (opening reads nothing)."""
     archive.ingest(sources)
     set_cache_keys(archive, series_prefetch=3)
     with archive.mounted() as m:
@@ -314,6 +314,9 @@ def test_opening_a_series_in_order_prefetches_the_files_ahead(
         assert cached() == [*range(1, 11), 16, 17, 18]
         open_close(series[16])
         assert cached() == [*range(1, 11), 16, 17, 18, 19]
+        open_close(series[16])  # opened again: the same window
+        open_close(series[17])
+        assert cached() == [*range(1, 11), *range(16, 21)]
         for i in range(19, 24):  # up to the end of the folder
             open_close(series[i])
         assert cached() == [*range(1, 11), *range(16, 24)]
