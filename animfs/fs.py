@@ -440,7 +440,7 @@ class Operations(pyfuse3.Operations):
 
     def _keep(self, node: Node) -> Manifest | None:
         """The instance record of a file, kept in memory with its node for its next opens."""
-        manifest = self.index.file_manifest(node.ino)
+        manifest = self.index.file_manifest(node)
         if manifest is not None:
             _keep_last(self._openable, node.ino, (node, manifest), OPENABLE_MEMORY)
         return manifest
@@ -731,7 +731,7 @@ class Operations(pyfuse3.Operations):
             return str(value).encode()
         if node.kind != FILE or not node.instance or name not in FILE_XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        manifest = self.index.file_manifest(node.ino)
+        manifest = self.index.file_manifest(node)
         if manifest is None:
             log.error("inode %d: instance record missing from the index", inode)
             raise pyfuse3.FUSEError(errno.EIO)

@@ -666,16 +666,19 @@ class Index:
         with self.env.begin(buffers=True) as txn:
             return self._manifest_in(txn, key)
 
-    def file_manifest(self, ino: int) -> Manifest | None:
-        """The manifest of the instance file ``ino``, or None if it is not one.
+    def file_manifest(self, file: Node) -> Manifest | None:
+        """The manifest of the instance file ``file``, or None if it is not one.
 
-        Found from the file's node and its series' listing, which whoever asks has
-        usually just read: unlike :meth:`manifest`, it reads nothing from
-        ``instances``, whose entry for a file is a page of its own among millions
-        (every page a read touches is mapped into the process, with its neighbours)."""
+        Found in its series' listing, which whoever asks has usually just read:
+        unlike :meth:`manifest`, it reads nothing from ``instances`` nor ``nodes``,
+        where a file's entry is on a page of its own among millions (every page a
+        read touches is mapped into the process, with its neighbours)."""
+        if not file.sop_uid:
+            return None
         with self.env.begin(buffers=True) as txn:
-            data = self._record_in(txn, ino)
-            return None if data is None else self._decode_in(txn, data)
+            files = self._files_in(txn, file.parent)
+            entry = None if files is None else files.by_ino(file.ino)
+            return None if entry is None else self._decode_in(txn, entry.record)
 
     def first_manifest(self, folder: int) -> Manifest | None:
         """The manifest of the first instance below ``folder`` (first by name at each

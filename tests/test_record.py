@@ -191,8 +191,9 @@ def test_an_index_lists_what_was_committed_since_it_last_listed(tmp_path: Path) 
         assert names == [m.placement.file_name for m in series]
         found = index.lookup(last.series_ino, last.file_name.encode())
         assert found is not None and found.ino == last.file_ino
-        assert index.file_manifest(last.file_ino) == series[-1] == index.manifest(series[-1].key)
-        assert index.file_manifest(last.series_ino) is None
+        assert index.file_manifest(found) == series[-1] == index.manifest(series[-1].key)
+        folder = index.node(last.series_ino)
+        assert folder is not None and index.file_manifest(folder) is None
         first = min(made, key=lambda m: (m.placement.study_name, m.placement.series_name,
                                          m.placement.file_name)
                     if m.placement.patient_ino == last.patient_ino else ("\uffff",))
