@@ -20,6 +20,11 @@ decompression ahead of the reader never crowds the trio thread and the reader
 itself off the CPU.  A chunk a reader is waiting for goes before read-ahead
 in the queue for those (:class:`_CheckSlots`).
 
+With unpackers (:mod:`animfs.unpack`), a chunk the disk cache holds is read,
+checked and decompressed in one of those processes instead, off the GIL that
+the trio thread needs for every request; what they cannot serve (an entry gone
+or damaged) goes on to the fetch threads.
+
 Backup reads (``bypass=True``) stream past both caches: they are served from
 what is cached but promote nothing, fill nothing and evict nothing.  What read-
 ahead fetches for them waits in a small stream buffer of its own until read.
@@ -32,19 +37,20 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
 
-from animfs import chunks
+from animfs import chunks, unpack
 from animfs.chunks import ChunkRef, CorruptChunk
 from animfs.diskcache import DiskCache, save_stats
 from animfs.keys import KeyRing
 from animfs.store.base import CorruptObject
 from animfs.store.dual import DualStore, NoGoodCopy
+from animfs.unpack import Unpacker
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,9 @@ class _Flight:
     data: bytes | None = None
     error: BaseException | None = None
     wanted: bool = False  # a reader waits for it (set on the trio thread, read by workers)
+    # What an unpacker found instead of a good entry (status, reason): the fetch
+    # thread that takes it over does the disk cache's bookkeeping, then the sites.
+    unpacked: tuple[int, str] | None = None
 
 
 class _CheckSlots:
@@ -146,10 +155,13 @@ class ChunkCache:
         nursery: trio.Nursery,
         disk: DiskCache | None = None,
         keys: KeyRing | None = None,
+        unpackers: Sequence[Unpacker] = (),
     ) -> None:
         """With ``disk``, chunks are looked up there before the sites, and kept there;
         its bookkeeping is loaded from the folder in the background (reads meanwhile
-        find entries by name), and its stats are saved every few seconds."""
+        find entries by name), and its stats are saved every few seconds.
+        ``unpackers`` open what the disk cache holds; the cache stops them when its
+        nursery is cancelled."""
         self.store = store
         self.memory_bytes = memory_bytes
         self.nursery = nursery
@@ -162,6 +174,9 @@ class ChunkCache:
         self._stream: OrderedDict[str, bytes] = OrderedDict()  # backup read-ahead
         self._stream_bytes = 0
         self._flights: dict[str, _Flight] = {}
+        self._unpackers = list(unpackers)
+        self._unpacking: dict[tuple[Unpacker, int], tuple[ChunkRef, _Flight]] = {}
+        self._to_unpack: deque[tuple[ChunkRef, _Flight]] = deque()  # waiting for a slot
         self._started = time.time()
         self._token = trio.lowlevel.current_trio_token()
         self._jobs: queue.SimpleQueue[tuple[ChunkRef, _Flight] | None] = queue.SimpleQueue()
@@ -175,6 +190,8 @@ class ChunkCache:
         nursery.start_soon(self._stop_fetchers_at_exit)
         if disk is not None:
             nursery.start_soon(self._keep_disk, disk)
+        for unpacker in self._unpackers:
+            nursery.start_soon(self._take_replies, unpacker)
 
     def stats_dict(self) -> dict[str, object]:
         """Memory LRU and disk cache figures, for ``/.animfs/status``."""
@@ -213,8 +230,9 @@ class ChunkCache:
         flight = self._flights.get(ref.id)
         if flight is None:
             flight = self._start(ref, bypass, wanted=True)
-        else:
+        elif not flight.wanted:
             flight.wanted = True  # read when a decompression slot is handed over
+            self._hurry(ref, flight)
         await flight.done.wait()
         if flight.error is not None:
             raise ChunkUnavailable(str(flight.error)) from flight.error
@@ -232,8 +250,67 @@ class ChunkCache:
 
     def _start(self, ref: ChunkRef, bypass: bool = False, *, wanted: bool = False) -> _Flight:
         flight = self._flights[ref.id] = _Flight(bypass, wanted=wanted)
-        self._jobs.put((ref, flight))
+        if self._unpackers and self.disk is not None and self.disk.may_hold(ref.id):
+            if wanted:
+                self._to_unpack.appendleft((ref, flight))
+            else:
+                self._to_unpack.append((ref, flight))
+            self._send_unpacks()
+        else:
+            self._jobs.put((ref, flight))
         return flight
+
+    def _hurry(self, ref: ChunkRef, flight: _Flight) -> None:
+        """A reader now waits for a chunk that waits for an unpacker: it goes first."""
+        job = (ref, flight)
+        if job in self._to_unpack:
+            self._to_unpack.remove(job)
+            self._to_unpack.appendleft(job)
+
+    def _send_unpacks(self) -> None:
+        """Hand waiting chunks to the unpackers that have a slot free."""
+        while self._to_unpack and self._unpackers:
+            unpacker = max(self._unpackers, key=lambda u: u.idle)
+            if not unpacker.idle:
+                return
+            ref, flight = self._to_unpack.popleft()
+            try:
+                slot = unpacker.send(ref, promote=not flight.bypass)
+            except OSError:  # it died: its replies task reports it
+                self._to_unpack.appendleft((ref, flight))
+                self._unpackers.remove(unpacker)
+                continue
+            self._unpacking[unpacker, slot] = (ref, flight)
+        while self._to_unpack and not self._unpackers:  # none left: the fetch threads
+            self._jobs.put(self._to_unpack.popleft())
+
+    async def _take_replies(self, unpacker: Unpacker) -> None:
+        """Land what an unpacker opens; what it could not goes to the fetch threads.
+        If it exits, its chunks go to the others or to the fetch threads."""
+        assert self.disk is not None
+        try:
+            async for slot, status, payload in unpacker.replies():
+                ref, flight = self._unpacking.pop((unpacker, slot))
+                if status == unpack.OK:
+                    self.disk.hit(ref.id, ref.stored, promote=not flight.bypass)
+                    self._landed(ref, flight, payload, None)
+                else:
+                    flight.unpacked = (status, payload.decode(errors="replace"))
+                    self._jobs.put((ref, flight))
+                self._send_unpacks()
+            log.error(
+                "chunk unpacker %d exited (status %s); the fetch threads take its chunks",
+                unpacker.pid,
+                unpacker.exit_status(),
+            )
+        finally:
+            if unpacker in self._unpackers:
+                self._unpackers.remove(unpacker)
+            for key in [k for k in self._unpacking if k[0] is unpacker]:
+                self._to_unpack.appendleft(self._unpacking.pop(key))
+            self._send_unpacks()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(unpacker.close)
 
     def _fetcher(self) -> None:
         """A fetch thread: fetch what is queued, and hand each result to the trio thread."""
@@ -298,9 +375,18 @@ class ChunkCache:
                 return check_stored(ref, stored, self.keys, rehash=False)
 
         if self.disk is not None:
-            cached = self.disk.get(ref.id, check, promote=not bypass, size=ref.stored)
-            if cached is not None:
-                return cached
+            if flight.unpacked is None:
+                cached = self.disk.get(ref.id, check, promote=not bypass, size=ref.stored)
+                if cached is not None:
+                    return cached
+            else:  # an unpacker read the entry: it is gone or bad
+                status, reason = flight.unpacked
+                if status == unpack.DAMAGED:
+                    self.disk.drop_damaged(ref.id, reason, promote=not bypass)
+                elif status == unpack.UNREADABLE:
+                    self.disk.unreadable(ref.id, reason, promote=not bypass)
+                else:
+                    self.disk.missed(ref.id, promote=not bypass)
         (data, stored), _site = self.store.read(
             chunks.chunk_key(ref.id), lambda stored: (check(stored), stored)
         )

@@ -73,6 +73,7 @@ class DiskCache:
         self._writing: dict[str, int] = {}
         self._touched_while_loading: set[str] | None = None
         self._failing: int | None = None  # errno of the writes failing now (a full disk)
+        self._loaded = False  # the folder has been read once (see may_hold)
         self.counters = {
             "hits": 0,
             "misses": 0,
@@ -89,7 +90,11 @@ class DiskCache:
 
     def _entry(self, chunk_id: str) -> str:
         """An entry's file name, as a string: the hot paths make no Path."""
-        return os.path.join(self._chunks, chunk_id[:2], chunk_id)
+        return entry_path(self._chunks, chunk_id)
+
+    def may_hold(self, chunk_id: str) -> bool:
+        """Worth looking for on disk: a known entry, or any until the folder is loaded."""
+        return not self._loaded or chunk_id in self._entries
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -116,12 +121,10 @@ class DiskCache:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._forget(chunk_id)
-            self._count("misses" if promote else "bypass_misses")
+            self.missed(chunk_id, promote=promote)
             return None
         except OSError as exc:
-            log.warning("disk cache: cannot read %s: %s", path, exc.strerror)
-            self._count("misses" if promote else "bypass_misses")
+            self.unreadable(chunk_id, exc.strerror or str(exc), promote=promote)
             return None
         try:
             stored = read_all(fd, size)
@@ -129,23 +132,26 @@ class DiskCache:
                 with contextlib.suppress(OSError):
                     os.utime(fd)  # the LRU order, for the next load
         except OSError as exc:
-            log.warning("disk cache: cannot read %s: %s", path, exc.strerror)
-            self._count("misses" if promote else "bypass_misses")
+            self.unreadable(chunk_id, exc.strerror or str(exc), promote=promote)
             return None
         finally:
             os.close(fd)
         try:
             value = check(stored)
         except CorruptObject as exc:
-            log.warning("disk cache: dropping damaged entry %s: %s", chunk_id[:16], exc.reason)
-            self._unlink(Path(path))
-            self._forget(chunk_id)
-            self._count("corrupt_dropped")
-            self._count("misses" if promote else "bypass_misses")
+            self.drop_damaged(chunk_id, exc.reason, promote=promote)
             return None
+        self.hit(chunk_id, len(stored), promote=promote)
+        return value
+
+    # What a read found, for the bookkeeping: :meth:`get` reads and checks entries
+    # itself, and the mount's unpacker processes (:mod:`animfs.unpack`) report theirs.
+
+    def hit(self, chunk_id: str, size: int, *, promote: bool = True) -> None:
+        """A good entry of ``size`` bytes was read (and, when ``promote``, its mtime set)."""
         if not promote:
             self._count("bypass_hits")
-            return value
+            return
         with self._lock:
             self.counters["hits"] += 1
             self._note(chunk_id)
@@ -153,11 +159,28 @@ class DiskCache:
                 self._entries.move_to_end(chunk_id)
                 victims = []
             else:  # written by another process: adopt it
-                self._entries[chunk_id] = len(stored)
-                self._bytes += len(stored)
+                self._entries[chunk_id] = size
+                self._bytes += size
                 victims = self._evict()
         self._remove(victims)
-        return value
+
+    def missed(self, chunk_id: str, *, promote: bool = True) -> None:
+        """There was no entry under that name."""
+        self._forget(chunk_id)
+        self._count("misses" if promote else "bypass_misses")
+
+    def unreadable(self, chunk_id: str, reason: str, *, promote: bool = True) -> None:
+        """The entry is there, but reading it failed: a miss, the entry left as it is."""
+        log.warning("disk cache: cannot read %s: %s", self._entry(chunk_id), reason)
+        self._count("misses" if promote else "bypass_misses")
+
+    def drop_damaged(self, chunk_id: str, reason: str, *, promote: bool = True) -> None:
+        """The entry failed its check: deleted, never served."""
+        log.warning("disk cache: dropping damaged entry %s: %s", chunk_id[:16], reason)
+        self._unlink(Path(self._entry(chunk_id)))
+        self._forget(chunk_id)
+        self._count("corrupt_dropped")
+        self._count("misses" if promote else "bypass_misses")
 
     def contains(self, chunk_id: str) -> bool:
         return self.path(chunk_id).exists()
@@ -306,6 +329,7 @@ class DiskCache:
                     entries.move_to_end(cid)
             self._entries = entries
             self._bytes = sum(entries.values()) + sum(self._writing.values())
+            self._loaded = True
             victims = self._evict()
         self._remove(victims)
 
@@ -345,6 +369,11 @@ class DiskCache:
                 "hit_rate": round(self.counters["hits"] / reads, 4) if reads else None,
                 "since": self.since,
             }
+
+
+def entry_path(chunks_dir: str, chunk_id: str) -> str:
+    """The file of an entry, ``<dir>/chunks/<id[:2]>/<id>``, given ``<dir>/chunks``."""
+    return os.path.join(chunks_dir, chunk_id[:2], chunk_id)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -33,10 +33,12 @@ from animfs.index import Index, IndexError_
 from animfs.keys import KeyRing
 from animfs.store.base import StoreError
 from animfs.store.dual import DualStore, NotEnoughSites, WriteBatch
+from animfs.unpack import Unpacker
 
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024  # the kernel then sends 1 MiB read requests
+UNPACKERS = min(4, os.cpu_count() or 1)  # processes that open disk-cache hits (animfs.unpack)
 START_TIMEOUT = 30.0
 STATE_SECONDS = 3.0  # how often access-state changes are looked for and published
 PROBE_SECONDS = 3.0  # how often sites marked down are asked whether they answer again
@@ -175,8 +177,14 @@ async def _serve(
 ) -> None:
     async with trio.open_nursery() as nursery:
         disk = DiskCache(config.cache_dir, config.cache_max_bytes)
+        unpackers = [Unpacker(config.path) for _ in range(UNPACKERS)]
         cache = ChunkCache(
-            store, memory_bytes=config.memory_bytes, nursery=nursery, disk=disk, keys=ring
+            store,
+            memory_bytes=config.memory_bytes,
+            nursery=nursery,
+            disk=disk,
+            keys=ring,
+            unpackers=unpackers,
         )
         audit_log = GroupCommit(audit_file, nursery) if audit_file is not None else None
         operations = fs.Operations(

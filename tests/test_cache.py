@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -200,6 +201,55 @@ def test_damaged_cache_entry_is_dropped_and_fetched_again(
     stats = cache_stats(archive)
     assert stats["corrupt_dropped"] == 2
     assert stats["misses"] == 2
+
+
+def unpackers(archive: Archive) -> list[int]:
+    """The pids of the unpacker processes (animfs.unpack) of the archive's mounts."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone
+            continue
+        if argv[1:4] == [b"-m", b"animfs.unpack", str(archive.config).encode()]:
+            found.append(int(proc.name))
+    return found
+
+
+def bytes_read(pid: int) -> int:
+    """What a process has read with read() so far (its /proc io counter)."""
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(io["rchar"])
+
+
+def test_unpackers_open_cache_hits_and_reads_go_on_when_they_die(
+    archive: Archive, sources: Path
+) -> None:
+    """Disk-cache hits are read and opened by the mount's unpacker processes; killed, the
+    fetch threads take their chunks and say so once each; none outlives its mount."""
+    archive.ingest(sources)
+    with archive.mounted() as m:
+        read_all_checked(m.path, sources)  # fills the disk cache
+    entries = [p for p in (archive.dir / "cache" / "chunks").rglob("*") if p.is_file()]
+    assert unpackers(archive) == []
+    with archive.mounted() as m:
+        pids = unpackers(archive)
+        assert 1 <= len(pids) <= 4
+        before = {pid: bytes_read(pid) for pid in pids}
+        read_all_checked(m.path, sources)
+        read = sum(bytes_read(pid) - before[pid] for pid in pids)
+        assert read >= sum(p.stat().st_size for p in entries)
+    assert unpackers(archive) == []
+    with archive.mounted() as m:
+        pids = unpackers(archive)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        read_all_checked(m.path, sources)
+    assert unpackers(archive) == []
+    log = m.log_text()
+    assert sum(f"chunk unpacker {pid} exited" in log for pid in pids) == len(pids), log
+    stats = cache_stats(archive)
+    assert stats["misses"] == 0 and stats["hits"] >= len(entries)
 
 
 # Runs as another uid: the files below a folder (only the first LIMIT of folders named

@@ -1,0 +1,196 @@
+"""Disk-cache hits opened in processes of their own: read, checked and decompressed
+away from the mount's GIL.
+
+Why: a warm read of a series is one small file after another, each a chunk in
+the disk cache.  Opened by the mount's fetch threads, each chunk's read, seal
+check, decompression and un-shuffle is a dozen calls that release the GIL and
+take it back, and the trio thread, which answers every FUSE request, takes it
+in between: measured on 400 such files, 30 futex calls per file and a third
+of the mount's CPU in waking and switching threads, even with one fetch
+thread.  In a process of its own the same work costs the trio thread one
+record on a pipe each way and a copy of the plain bytes.
+
+Each unpacker is a child process (``python -m animfs.unpack CONFIG FD SLOTS``)
+that shares with the mount a memory file of ``SLOTS`` slots of
+:data:`~animfs.chunks.CHUNK_SIZE` bytes (``FD``, a memfd).  The mount writes a
+request for each chunk to the child's stdin, and the child answers on its
+stdout, one fixed record each way (:data:`REQUEST`, :data:`REPLY`):
+
+- ``OK``: the plain chunk is in the slot, ``length`` bytes;
+- ``MISSING``: no entry under that name (evicted, or never cached);
+- ``DAMAGED``: the entry does not open, decompress or match its id; a reason of
+  ``length`` bytes (UTF-8) follows the record;
+- ``UNREADABLE``: the entry is there but reading it failed (the cache's disk); a
+  reason follows, as for ``DAMAGED``.
+
+The child reads the entry, sets its mtime when asked to (the LRU order a
+later mount rebuilds, as :meth:`DiskCache.get` does), and opens it with
+:func:`animfs.chunks.unseal` exactly as a fetch thread would.  The mount keeps
+every other part of the disk cache's bookkeeping (:mod:`animfs.cache`), and a
+missing or damaged entry goes on to its fetch threads (drop, then the sites).
+The child exits when its stdin closes: at unmount, or when the mount dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+
+from animfs import chunks, heap
+from animfs import config as config_mod
+from animfs import keys as keys_mod
+from animfs.chunks import CHUNK_SIZE, ChunkRef, CorruptChunk
+from animfs.diskcache import entry_path
+from animfs.store.local import read_all
+
+log = logging.getLogger(__name__)
+
+REQUEST = struct.Struct("<IIIB32s")  # slot, plain size, stored size, flags, raw chunk id
+REPLY = struct.Struct("<IBI")  # slot, status, length (of the plain bytes, or of the reason)
+PROMOTE = 1  # request flag: a reader's hit, which sets the entry's mtime (not a backup's)
+OK, MISSING, DAMAGED, UNREADABLE = 0, 1, 2, 3
+SLOTS = 2  # chunks in flight per child: one being opened, one waiting in its pipe
+STOP_SECONDS = 10.0  # how long an unmount waits for a child to finish its chunk
+
+
+class Unpacker:
+    """The mount's end of one child process: its pipes and its slots.  Used from the
+    trio thread only; :meth:`replies` is the one task that reads the child's answers."""
+
+    def __init__(self, config_path: Path, slots: int = SLOTS) -> None:
+        self.slots = slots
+        memfd = os.memfd_create("animfs-unpack", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(memfd, slots * CHUNK_SIZE)
+            self._shared = mmap.mmap(memfd, slots * CHUNK_SIZE)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "animfs.unpack", str(config_path), str(memfd), str(slots)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=(memfd,),
+                bufsize=0,
+            )
+        finally:
+            os.close(memfd)
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._requests = self._proc.stdin
+        self._replies = self._proc.stdout.fileno()
+        os.set_blocking(self._replies, False)
+        self._free = list(range(slots))
+        self.pid = self._proc.pid
+
+    @property
+    def idle(self) -> int:
+        """Slots free for another request."""
+        return len(self._free)
+
+    def send(self, ref: ChunkRef, *, promote: bool) -> int:
+        """Ask for a chunk; returns its slot.  Raises OSError if the child is gone.
+        Never blocks: at most ``slots`` small records wait in the pipe."""
+        slot = self._free.pop()
+        flags = PROMOTE if promote else 0
+        try:
+            self._requests.write(
+                REQUEST.pack(slot, ref.size, ref.stored, flags, bytes.fromhex(ref.id))
+            )
+        except OSError:
+            self._free.append(slot)
+            raise
+        return slot
+
+    async def replies(self) -> AsyncIterator[tuple[int, int, bytes]]:
+        """(slot, status, plain bytes or reason) as the child answers; ends when it exits."""
+        pending = bytearray()
+        while True:
+            await trio.lowlevel.wait_readable(self._replies)
+            try:
+                data = os.read(self._replies, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not data:
+                return
+            pending += data
+            while len(pending) >= REPLY.size:
+                slot, status, length = REPLY.unpack_from(pending)
+                if status == OK:
+                    start = slot * CHUNK_SIZE
+                    payload, used = self._shared[start : start + length], REPLY.size
+                elif len(pending) >= REPLY.size + length:
+                    payload = bytes(pending[REPLY.size : REPLY.size + length])
+                    used = REPLY.size + length
+                else:
+                    break  # the rest of the reason is still on its way
+                del pending[:used]
+                self._free.append(slot)
+                yield slot, status, payload
+
+    def exit_status(self) -> int | None:
+        """The child's exit status, or None while it runs."""
+        return self._proc.poll()
+
+    def close(self) -> int | None:
+        """Close the child's stdin and wait for it to exit (blocks: call in a thread, once
+        nothing waits on its replies); its exit status, or None if it had to be killed."""
+        with contextlib.suppress(OSError):
+            self._requests.close()
+        try:
+            return self._proc.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+            return None
+        finally:
+            assert self._proc.stdout is not None
+            self._proc.stdout.close()
+            self._shared.close()
+
+
+def serve(config_path: str, memfd: int, slots: int) -> None:
+    """The child: answer requests until stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the mount's to handle
+    heap.keep_freed_buffers()
+    config = config_mod.load(config_path)
+    ring = keys_mod.for_config(config)
+    chunks_dir = str(config.cache_dir / "chunks")
+    shared = mmap.mmap(memfd, slots * CHUNK_SIZE)
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    while len(record := requests.read(REQUEST.size)) == REQUEST.size:
+        slot, size, stored_size, flags, raw_id = REQUEST.unpack(record)
+        chunk_id = raw_id.hex()
+        try:
+            fd = os.open(entry_path(chunks_dir, chunk_id), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            replies.write(REPLY.pack(slot, MISSING, 0))
+            replies.flush()
+            continue
+        try:
+            stored = read_all(fd, stored_size)
+            if flags & PROMOTE:
+                os.utime(fd)
+            plain = chunks.unseal(chunk_id, stored, size, ring, rehash=False)
+        except OSError as exc:
+            reason = str(exc.strerror or exc).encode()
+            replies.write(REPLY.pack(slot, UNREADABLE, len(reason)) + reason)
+        except CorruptChunk as exc:
+            reason = str(exc).encode()
+            replies.write(REPLY.pack(slot, DAMAGED, len(reason)) + reason)
+        else:
+            shared[slot * CHUNK_SIZE : slot * CHUNK_SIZE + len(plain)] = plain
+            replies.write(REPLY.pack(slot, OK, len(plain)))
+        finally:
+            os.close(fd)
+        replies.flush()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
