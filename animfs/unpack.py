@@ -167,29 +167,39 @@ def serve(config_path: str, memfd: int, slots: int) -> None:
     while len(record := requests.read(REQUEST.size)) == REQUEST.size:
         slot, size, stored_size, flags, raw_id = REQUEST.unpack(record)
         chunk_id = raw_id.hex()
-        try:
-            fd = os.open(entry_path(chunks_dir, chunk_id), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            replies.write(REPLY.pack(slot, MISSING, 0))
-            replies.flush()
-            continue
-        try:
-            stored = read_all(fd, stored_size)
-            if flags & PROMOTE:
-                os.utime(fd)
-            plain = chunks.unseal(chunk_id, stored, size, ring, rehash=False)
-        except OSError as exc:
-            reason = str(exc.strerror or exc).encode()
-            replies.write(REPLY.pack(slot, UNREADABLE, len(reason)) + reason)
-        except CorruptChunk as exc:
-            reason = str(exc).encode()
-            replies.write(REPLY.pack(slot, DAMAGED, len(reason)) + reason)
-        else:
-            shared[slot * CHUNK_SIZE : slot * CHUNK_SIZE + len(plain)] = plain
-            replies.write(REPLY.pack(slot, OK, len(plain)))
-        finally:
-            os.close(fd)
+        stored, status, reason = _read_entry(chunks_dir, chunk_id, stored_size, flags)
+        if stored is not None:
+            try:
+                plain = chunks.unseal(chunk_id, stored, size, ring, rehash=False)
+            except CorruptChunk as exc:
+                status, reason = DAMAGED, str(exc).encode()
+            else:
+                shared[slot * CHUNK_SIZE : slot * CHUNK_SIZE + len(plain)] = plain
+        replies.write(REPLY.pack(slot, status, len(plain) if status == OK else len(reason)))
+        replies.write(reason)
         replies.flush()
+
+
+def _read_entry(
+    chunks_dir: str, chunk_id: str, size: int, flags: int
+) -> tuple[bytes | None, int, bytes]:
+    """(stored bytes, OK, b"") of a disk-cache entry, or (None, status, reason)."""
+    try:
+        fd = os.open(entry_path(chunks_dir, chunk_id), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, MISSING, b""
+    except OSError as exc:
+        return None, UNREADABLE, str(exc.strerror or exc).encode()
+    try:
+        stored = read_all(fd, size)
+        if flags & PROMOTE:
+            with contextlib.suppress(OSError):
+                os.utime(fd)
+    except OSError as exc:
+        return None, UNREADABLE, str(exc.strerror or exc).encode()
+    finally:
+        os.close(fd)
+    return stored, OK, b""
 
 
 if __name__ == "__main__":

@@ -225,21 +225,28 @@ def bytes_read(pid: int) -> int:
 def test_unpackers_open_cache_hits_and_reads_go_on_when_they_die(
     archive: Archive, sources: Path
 ) -> None:
-    """Disk-cache hits are read and opened by the mount's unpacker processes; killed, the
-    fetch threads take their chunks and say so once each; none outlives its mount."""
+    """Disk-cache hits are read and opened by the mount's unpacker processes, and an entry
+    gone from the folder is fetched from the sites again; killed, the fetch threads
+    take their chunks and say so once each; none outlives its mount."""
     archive.ingest(sources)
     with archive.mounted() as m:
         read_all_checked(m.path, sources)  # fills the disk cache
-    entries = [p for p in (archive.dir / "cache" / "chunks").rglob("*") if p.is_file()]
+    entries = sorted(p for p in (archive.dir / "cache" / "chunks").rglob("*") if p.is_file())
+    gone, kept = entries[0], entries[1:]
+    good = gone.read_bytes()
     assert unpackers(archive) == []
     with archive.mounted() as m:
         pids = unpackers(archive)
         assert 1 <= len(pids) <= 4
         before = {pid: bytes_read(pid) for pid in pids}
+        gone.unlink()
         read_all_checked(m.path, sources)
         read = sum(bytes_read(pid) - before[pid] for pid in pids)
-        assert read >= sum(p.stat().st_size for p in entries)
+        assert read >= sum(p.stat().st_size for p in kept)
     assert unpackers(archive) == []
+    assert gone.read_bytes() == good  # fetched from a site and cached again
+    stats = cache_stats(archive)
+    assert stats["misses"] == 1 and stats["hits"] == len(kept), stats
     with archive.mounted() as m:
         pids = unpackers(archive)
         for pid in pids:
