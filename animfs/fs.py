@@ -207,7 +207,7 @@ class Operations(pyfuse3.Operations):
             attr.st_mode = (stat.S_IFREG | 0o444) if node.kind == FILE else (stat.S_IFLNK | 0o777)
             # An instance file has two names: under /patients and under /cd.  Saying so
             # lets du, tar and rsync -H count and copy it once.
-            attr.st_nlink = 2 if node.kind == FILE and node.instance else 1
+            attr.st_nlink = 2 if node.kind == FILE and node.sop_uid else 1
             attr.st_size = node.size
             attr.entry_timeout = IMMUTABLE_TIMEOUT
             attr.attr_timeout = IMMUTABLE_TIMEOUT
@@ -715,7 +715,7 @@ class Operations(pyfuse3.Operations):
         node = self._visible(inode, ctx)
         if node.kind == DIR:
             return list(DIR_XATTRS)
-        if node.kind == FILE and node.instance:
+        if node.kind == FILE and node.sop_uid:
             return list(FILE_XATTRS)
         return []
 
@@ -729,7 +729,7 @@ class Operations(pyfuse3.Operations):
                 b"user.animfs.bytes": node.bytes_below,
             }[name]
             return str(value).encode()
-        if node.kind != FILE or not node.instance or name not in FILE_XATTRS:
+        if node.kind != FILE or not node.sop_uid or name not in FILE_XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         manifest = self.index.file_manifest(node)
         if manifest is None:

@@ -1838,7 +1838,7 @@ def check(index: Index, limit: int = 100) -> list[str]:
                 if node.kind == DIR:
                     more = below(child, depth + 1)
                     n, size = n + more[0], size + more[1]
-                elif node.kind == FILE and node.instance:
+                elif node.kind == FILE and node.sop_uid:
                     n, size = n + 1, size + node.size
             totals[ino] = (n, size)
             return n, size
