@@ -41,6 +41,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -155,13 +156,15 @@ class ChunkCache:
         nursery: trio.Nursery,
         disk: DiskCache | None = None,
         keys: KeyRing | None = None,
-        unpackers: Sequence[Unpacker] = (),
+        unpackers: int = 0,
+        config_path: Path | None = None,
     ) -> None:
         """With ``disk``, chunks are looked up there before the sites, and kept there;
         its bookkeeping is loaded from the folder in the background (reads meanwhile
         find entries by name), and its stats are saved every few seconds.
-        ``unpackers`` open what the disk cache holds; the cache stops them when its
-        nursery is cancelled."""
+        ``unpackers`` processes (of the archive at ``config_path``) open what the disk
+        cache holds once they are ready (:mod:`animfs.unpack`); the cache stops them
+        when its nursery is cancelled."""
         self.store = store
         self.memory_bytes = memory_bytes
         self.nursery = nursery
@@ -174,7 +177,7 @@ class ChunkCache:
         self._stream: OrderedDict[str, bytes] = OrderedDict()  # backup read-ahead
         self._stream_bytes = 0
         self._flights: dict[str, _Flight] = {}
-        self._unpackers = list(unpackers)
+        self._unpackers: list[Unpacker] = []
         self._unpacking: dict[tuple[Unpacker, int], tuple[ChunkRef, _Flight]] = {}
         self._to_unpack: deque[tuple[ChunkRef, _Flight]] = deque()  # waiting for a slot
         self._started = time.time()
@@ -190,8 +193,11 @@ class ChunkCache:
         nursery.start_soon(self._stop_fetchers_at_exit)
         if disk is not None:
             nursery.start_soon(self._keep_disk, disk)
-        for unpacker in self._unpackers:
-            nursery.start_soon(self._take_replies, unpacker)
+        if disk is not None and config_path is not None:
+            for _ in range(unpackers):
+                unpacker = Unpacker(config_path)
+                self._unpackers.append(unpacker)
+                nursery.start_soon(self._take_replies, unpacker)
 
     def stats_dict(self) -> dict[str, object]:
         """Memory LRU and disk cache figures, for ``/.animfs/status``."""
@@ -207,6 +213,7 @@ class ChunkCache:
                 "errors": s.errors,
                 "streamed": s.streamed,
                 "in_flight": len(self._flights),
+                "unpackers": sum(u.ready for u in self._unpackers),
             },
             "disk": self.disk.stats() if self.disk is not None else None,
         }
@@ -250,7 +257,7 @@ class ChunkCache:
 
     def _start(self, ref: ChunkRef, bypass: bool = False, *, wanted: bool = False) -> _Flight:
         flight = self._flights[ref.id] = _Flight(bypass, wanted=wanted)
-        if self._unpackers and self.disk is not None and self.disk.may_hold(ref.id):
+        if self.disk is not None and self.disk.may_hold(ref.id) and self._unpackers_ready():
             if wanted:
                 self._to_unpack.appendleft((ref, flight))
             else:
@@ -259,6 +266,10 @@ class ChunkCache:
         else:
             self._jobs.put((ref, flight))
         return flight
+
+    def _unpackers_ready(self) -> bool:
+        """Whether an unpacker takes chunks now."""
+        return any(u.ready for u in self._unpackers)
 
     def _hurry(self, ref: ChunkRef, flight: _Flight) -> None:
         """A reader now waits for a chunk that waits for an unpacker: it goes first."""
@@ -270,8 +281,8 @@ class ChunkCache:
     def _send_unpacks(self) -> None:
         """Hand waiting chunks to the unpackers that have a slot free."""
         while self._to_unpack and self._unpackers:
-            unpacker = max(self._unpackers, key=lambda u: u.idle)
-            if not unpacker.idle:
+            unpacker = max(self._unpackers, key=lambda u: u.idle if u.ready else -1)
+            if not (unpacker.ready and unpacker.idle):
                 return
             ref, flight = self._to_unpack.popleft()
             try:

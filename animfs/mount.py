@@ -33,7 +33,6 @@ from animfs.index import Index, IndexError_
 from animfs.keys import KeyRing
 from animfs.store.base import StoreError
 from animfs.store.dual import DualStore, NotEnoughSites, WriteBatch
-from animfs.unpack import Unpacker
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +176,14 @@ async def _serve(
 ) -> None:
     async with trio.open_nursery() as nursery:
         disk = DiskCache(config.cache_dir, config.cache_max_bytes)
-        unpackers = [Unpacker(config.path) for _ in range(UNPACKERS)]
         cache = ChunkCache(
             store,
             memory_bytes=config.memory_bytes,
             nursery=nursery,
             disk=disk,
             keys=ring,
-            unpackers=unpackers,
+            unpackers=UNPACKERS,
+            config_path=config.path,
         )
         audit_log = GroupCommit(audit_file, nursery) if audit_file is not None else None
         operations = fs.Operations(

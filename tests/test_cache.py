@@ -216,6 +216,19 @@ def unpackers(archive: Archive) -> list[int]:
     return found
 
 
+def wait_for_unpackers(mount_root: Path) -> None:
+    """Until the mount's unpackers are ready (they start with it, niced)."""
+
+    def ready() -> int:
+        status = json.loads((mount_root / ".animfs" / "status").read_text())
+        return int(status["cache"]["memory"]["unpackers"])
+
+    deadline = time.monotonic() + 30
+    while not ready():
+        assert time.monotonic() < deadline, "unpackers not ready after 30 s"
+        time.sleep(0.1)
+
+
 def bytes_read(pid: int) -> int:
     """What a process has read with read() so far (its /proc io counter)."""
     io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
@@ -236,6 +249,7 @@ def test_unpackers_open_cache_hits_and_reads_go_on_when_they_die(
     good = gone.read_bytes()
     assert unpackers(archive) == []
     with archive.mounted() as m:
+        wait_for_unpackers(m.path)
         pids = unpackers(archive)
         assert 1 <= len(pids) <= 4
         before = {pid: bytes_read(pid) for pid in pids}
@@ -248,6 +262,7 @@ def test_unpackers_open_cache_hits_and_reads_go_on_when_they_die(
     stats = cache_stats(archive)
     assert stats["misses"] == 1 and stats["hits"] == len(kept), stats
     with archive.mounted() as m:
+        wait_for_unpackers(m.path)
         pids = unpackers(archive)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
