@@ -195,7 +195,11 @@ class ChunkCache:
             nursery.start_soon(self._keep_disk, disk)
         if disk is not None and config_path is not None:
             for _ in range(unpackers):
-                unpacker = Unpacker(config_path)
+                try:
+                    unpacker = Unpacker(config_path)
+                except OSError as exc:  # the fetch threads do it all, as before unpackers
+                    log.warning("cannot start a chunk unpacker: %s", exc.strerror or exc)
+                    break
                 self._unpackers.append(unpacker)
                 nursery.start_soon(self._take_replies, unpacker)
 
