@@ -43,7 +43,6 @@ right after mounting a sixth of its speed.
 from __future__ import annotations
 
 import contextlib
-import logging
 import mmap
 import os
 import signal
@@ -60,8 +59,6 @@ from animfs.chunks import CHUNK_SIZE, ChunkRef, CorruptChunk
 from animfs.diskcache import entry_path
 from animfs.store.local import read_all
 
-log = logging.getLogger(__name__)
-
 REQUEST = struct.Struct("<IIIB32s")  # slot, plain size, stored size, flags, raw chunk id
 REPLY = struct.Struct("<IBI")  # slot, status, length (of the plain bytes, or of the reason)
 PROMOTE = 1  # request flag: a reader's hit, which sets the entry's mtime (not a backup's)
@@ -76,16 +73,14 @@ class Unpacker:
     trio thread only; :meth:`replies` is the one task that reads the child's answers."""
 
     def __init__(self, config_path: Path, slots: int = SLOTS) -> None:
-        self.slots = slots
         memfd = os.memfd_create("animfs-unpack", os.MFD_CLOEXEC)
         try:
             os.ftruncate(memfd, slots * CHUNK_SIZE)
             self._shared = mmap.mmap(memfd, slots * CHUNK_SIZE)
-            argv = [sys.executable, "-m", "animfs.unpack", str(config_path), str(memfd)]
-            argv.append(str(slots))
-            if os.geteuid() == 0:
-                argv = ["nice", "-n", str(START_NICENESS), *argv]
-                argv.append(str(os.getpriority(os.PRIO_PROCESS, 0)))  # the priority to take
+            argv = [sys.executable, "-m", "animfs.unpack", str(config_path), str(memfd), str(slots)]
+            if os.geteuid() == 0:  # started niced, it takes the mount's priority back
+                priority = str(os.getpriority(os.PRIO_PROCESS, 0))
+                argv = ["nice", "-n", str(START_NICENESS), *argv, priority]
             self._proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
