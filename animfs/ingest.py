@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import os
 import time
 from collections import deque
@@ -182,17 +183,22 @@ class Ingester:
             raise
 
     def _read(self, f: BinaryIO) -> Read:
+        size = os.fstat(f.fileno()).st_size
+        plain = b""
+        if size <= WHOLE_FILE:
+            # Read whole first, and parsed in memory: pydicom's parse and the walk of the
+            # file's elements seek and tell about 80 times a file, each a system call
+            # that hands the GIL over, which the other workers and the writer wait for.
+            plain = f.read(size + 1)
+            if len(plain) != size:
+                raise Refused("the file changed while it was read")
         try:
-            header, width = read_header_and_width(f, issuer_default="")
+            header, width = read_header_and_width(io.BytesIO(plain) if plain else f,
+                                                  issuer_default="")
         except NotDicom as exc:
             raise Refused(str(exc)) from None
-        size = os.fstat(f.fileno()).st_size
         if size > WHOLE_FILE:
             return Read(f, header, size, shuffle=width)  # streamed by the caller, chunk by chunk
-        f.seek(0)
-        plain = f.read(size + 1)
-        if len(plain) != size:
-            raise Refused("the file changed while it was read")
         sha = hashlib.sha256(plain).hexdigest()
         if self.index.has_instance(instance_key(header.sop_uid)):
             return Read(f, header, size, sha, shuffle=width)  # only its checksum matters
