@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from animfs.store.base import CorruptObject
-from animfs.store.local import read_all
+from animfs.store.local import read_all, write_all
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class DiskCache:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, stored)
+                write_all(fd, stored)
             finally:
                 os.close(fd)
             try:
@@ -374,12 +374,6 @@ class DiskCache:
 def entry_path(chunks_dir: str, chunk_id: str) -> str:
     """The file of an entry, ``<dir>/chunks/<id[:2]>/<id>``, given ``<dir>/chunks``."""
     return os.path.join(chunks_dir, chunk_id[:2], chunk_id)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _scandir(folder: Path) -> list[os.DirEntry[str]]:
