@@ -68,6 +68,28 @@ START_NICENESS = 19  # of a child while it starts (root only: it can take its pr
 STOP_SECONDS = 10.0  # how long an unmount waits for a child to finish its chunk
 
 
+def reply(slot: int, status: int, length: int = 0, reason: bytes = b"") -> bytes:
+    """One reply record as the child writes it: ``length`` is the plain chunk's for
+    ``OK``; ``DAMAGED`` and ``UNREADABLE`` carry a reason, whose length it is then."""
+    if status in (DAMAGED, UNREADABLE):
+        return REPLY.pack(slot, status, len(reason)) + reason
+    return REPLY.pack(slot, status, length)
+
+
+def next_reply(pending: bytearray) -> tuple[int, int, int, bytes] | None:
+    """The first whole reply at the front of ``pending``, taken off it: (slot, status,
+    length, reason); None while it has not all arrived (a pipe read may end anywhere)."""
+    if len(pending) < REPLY.size:
+        return None
+    slot, status, length = REPLY.unpack_from(pending)
+    end = REPLY.size + (length if status in (DAMAGED, UNREADABLE) else 0)
+    if len(pending) < end:
+        return None
+    reason = bytes(pending[REPLY.size : end])
+    del pending[:end]
+    return slot, status, length, reason
+
+
 class Unpacker:
     """The mount's end of one child process: its pipes and its slots.  Used from the
     trio thread only; :meth:`replies` is the one task that reads the child's answers."""
@@ -131,23 +153,14 @@ class Unpacker:
             if not data:
                 return
             pending += data
-            while len(pending) >= REPLY.size:
-                slot, status, length = REPLY.unpack_from(pending)
+            while (record := next_reply(pending)) is not None:
+                slot, status, length, reason = record
                 if status == READY:
-                    del pending[: REPLY.size]
                     self.ready = True
                     continue
-                if status == OK:
-                    start = slot * CHUNK_SIZE
-                    payload, used = self._shared[start : start + length], REPLY.size
-                elif len(pending) >= REPLY.size + length:
-                    payload = bytes(pending[REPLY.size : REPLY.size + length])
-                    used = REPLY.size + length
-                else:
-                    break  # the rest of the reason is still on its way
-                del pending[:used]
+                start = slot * CHUNK_SIZE
                 self._free.append(slot)
-                yield slot, status, payload
+                yield slot, status, self._shared[start : start + length] if status == OK else reason
 
     def exit_status(self) -> int | None:
         """The child's exit status, or None while it runs."""
@@ -183,7 +196,7 @@ def serve(config_path: str, memfd: int, slots: int, priority: int | None = None)
     if priority is not None:
         with contextlib.suppress(PermissionError):
             os.setpriority(os.PRIO_PROCESS, 0, priority)
-    replies.write(REPLY.pack(0, READY, 0))
+    replies.write(reply(0, READY))
     replies.flush()
     while len(record := requests.read(REQUEST.size)) == REQUEST.size:
         slot, size, stored_size, flags, raw_id = REQUEST.unpack(record)
@@ -196,8 +209,7 @@ def serve(config_path: str, memfd: int, slots: int, priority: int | None = None)
                 status, reason = DAMAGED, str(exc).encode()
             else:
                 shared[slot * CHUNK_SIZE : slot * CHUNK_SIZE + len(plain)] = plain
-        replies.write(REPLY.pack(slot, status, len(plain) if status == OK else len(reason)))
-        replies.write(reason)
+        replies.write(reply(slot, status, len(plain) if status == OK else 0, reason))
         replies.flush()
 
 
