@@ -60,6 +60,7 @@ CHECK_THREADS = min(4, os.cpu_count() or 1)  # of which checking and decompressi
 READ_AHEAD = 8  # chunks fetched ahead of a sequential reader (32 MiB)
 STREAM_BYTES = 64 << 20  # backup read-ahead waiting to be read (not in the memory LRU)
 HOUSEKEEPING_SECONDS = 5.0  # how often the disk cache's stats are saved and the folder watched
+HEDGE_TICK = 0.1  # how often fetches are looked at for a site silent too long (seconds)
 
 
 class ChunkUnavailable(Exception):
@@ -73,9 +74,16 @@ class _Flight:
     data: bytes | None = None
     error: BaseException | None = None
     wanted: bool = False  # a reader waits for it (set on the trio thread, read by workers)
+    ref: ChunkRef | None = None
     # What an unpacker found instead of a good entry (status, reason): the fetch
     # thread that takes it over does the disk cache's bookkeeping, then the sites.
     unpacked: tuple[int, str] | None = None
+    # The site a fetch thread is asking for the chunk, and since when (monotonic): one
+    # silent for the store's hedge_seconds is hedged (see ChunkCache._hedge_slow_sites).
+    asking: str = ""
+    since: float = 0.0
+    hedged: bool = False
+    reads: int = 1  # reads of it under way, each of which will land (a hedge is one more)
 
 
 class _CheckSlots:
@@ -191,6 +199,7 @@ class ChunkCache:
         for thread in self._fetchers:
             thread.start()
         nursery.start_soon(self._stop_fetchers_at_exit)
+        nursery.start_soon(self._hedge_slow_sites)
         if disk is not None:
             nursery.start_soon(self._keep_disk, disk)
         if disk is not None and config_path is not None:
@@ -260,7 +269,7 @@ class ChunkCache:
                     self._start(ref, bypass)
 
     def _start(self, ref: ChunkRef, bypass: bool = False, *, wanted: bool = False) -> _Flight:
-        flight = self._flights[ref.id] = _Flight(bypass, wanted=wanted)
+        flight = self._flights[ref.id] = _Flight(bypass, wanted=wanted, ref=ref)
         if self.disk is not None and self.disk.may_hold(ref.id) and self._unpackers_ready():
             if wanted:
                 self._to_unpack.appendleft((ref, flight))
@@ -360,10 +369,52 @@ class ChunkCache:
         for thread in self._fetchers:
             thread.join()
 
+    async def _hedge_slow_sites(self) -> None:
+        """A fetch thread reads a chunk from one site at a time (DualStore.read_here); when
+        that site has been silent for the store's ``hedge_seconds``, the other sites are
+        asked as well, in a thread of trio's (the fetch threads may all be waiting on
+        that site), and the first good copy lands the chunk.  The silent site is then
+        marked down, so that the reads after it ask the others first."""
+        hedge = self.store.hedge_seconds
+        while True:
+            await trio.sleep(HEDGE_TICK)
+            now = time.monotonic()
+            for flight in list(self._flights.values()):
+                if flight.asking and not flight.hedged and now - flight.since >= hedge:
+                    flight.hedged = True
+                    flight.reads += 1
+                    self.nursery.start_soon(self._hedge, flight, flight.asking)
+
+    async def _hedge(self, flight: _Flight, silent: str) -> None:
+        ref = flight.ref
+        assert ref is not None
+        data: bytes | None = None
+        error: BaseException | None = None
+        try:
+            data = await trio.to_thread.run_sync(
+                self._from_sites, ref, flight, silent, abandon_on_cancel=True
+            )
+        except Exception as exc:  # reported, and answered, as the fetch threads' are
+            error = exc
+        self._landed(ref, flight, data, error, hedge_for=silent)
+
     def _landed(
-        self, ref: ChunkRef, flight: _Flight, data: bytes | None, error: BaseException | None
+        self,
+        ref: ChunkRef,
+        flight: _Flight,
+        data: bytes | None,
+        error: BaseException | None,
+        *,
+        hedge_for: str = "",
     ) -> None:
-        """A fetch is done (on the trio thread): keep its chunk and wake its readers."""
+        """A read is done (on the trio thread): keep its chunk and wake its readers.  Of
+        two reads of one chunk (a hedge), the first good copy counts; a failure counts
+        only once the other has failed too."""
+        flight.reads -= 1
+        if flight.done.is_set() or (error is not None and flight.reads > 0):
+            return
+        if hedge_for and error is None:
+            self.store.mark_slow(hedge_for)
         del self._flights[ref.id]
         if isinstance(error, NoGoodCopy):
             log.error("chunk %s: %s", ref.id[:16], error)
@@ -402,10 +453,29 @@ class ChunkCache:
                     self.disk.unreadable(ref.id, reason, promote=not bypass)
                 else:
                     self.disk.missed(ref.id, promote=not bypass)
-        (data, stored), _site = self.store.read(
-            chunks.chunk_key(ref.id), lambda stored: (check(stored), stored)
-        )
-        if self.disk is not None and not bypass:
+        return self._from_sites(ref, flight)
+
+    def _from_sites(self, ref: ChunkRef, flight: _Flight, silent: str = "") -> bytes:
+        """The chunk from the sites, kept in the disk cache: read here one site after
+        another, the hedge watching (a fetch thread), or with ``silent`` as a hedge of
+        a read from that site, from the others (DualStore.read, which hedges itself)."""
+
+        def check(stored: bytes) -> tuple[bytes, bytes]:
+            with self._checking.slot(flight):
+                return check_stored(ref, stored, self.keys, rehash=False), stored
+
+        def asking(site: str) -> None:
+            flight.since, flight.asking = time.monotonic(), site
+
+        key = chunks.chunk_key(ref.id)
+        if silent:
+            (data, stored), _site = self.store.read(key, check, exclude=silent)
+        else:
+            try:
+                (data, stored), _site = self.store.read_here(key, check, asking=asking)
+            finally:
+                flight.asking = ""
+        if self.disk is not None and not flight.bypass:
             self.disk.put(ref.id, stored)
         return data
 
