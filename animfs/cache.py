@@ -41,6 +41,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -67,14 +68,16 @@ class ChunkUnavailable(Exception):
     """No site could deliver a good copy of a chunk."""
 
 
-@dataclass
+@dataclass(eq=False)  # a flight is itself: queues and memories find it by identity
 class _Flight:
+    """One chunk on its way, from wherever it comes, to the readers that wait for it."""
+
+    ref: ChunkRef
     bypass: bool = False  # a backup read: keep the result out of both caches
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
     wanted: bool = False  # a reader waits for it (set on the trio thread, read by workers)
-    ref: ChunkRef | None = None
     # What an unpacker found instead of a good entry (status, reason): the fetch
     # thread that takes it over does the disk cache's bookkeeping, then the sites.
     unpacked: tuple[int, str] | None = None
@@ -186,11 +189,11 @@ class ChunkCache:
         self._stream_bytes = 0
         self._flights: dict[str, _Flight] = {}
         self._unpackers: list[Unpacker] = []
-        self._unpacking: dict[tuple[Unpacker, int], tuple[ChunkRef, _Flight]] = {}
-        self._to_unpack: deque[tuple[ChunkRef, _Flight]] = deque()  # waiting for a slot
+        self._unpacking: dict[tuple[Unpacker, int], _Flight] = {}  # by unpacker and slot
+        self._to_unpack: deque[_Flight] = deque()  # waiting for a slot
         self._started = time.time()
         self._token = trio.lowlevel.current_trio_token()
-        self._jobs: queue.SimpleQueue[tuple[ChunkRef, _Flight] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Flight | None] = queue.SimpleQueue()
         self._stopping = False
         self._fetchers = [
             threading.Thread(target=self._fetcher, name=f"animfs-fetch-{i}", daemon=True)
@@ -252,7 +255,7 @@ class ChunkCache:
             flight = self._start(ref, bypass, wanted=True)
         elif not flight.wanted:
             flight.wanted = True  # read when a decompression slot is handed over
-            self._hurry(ref, flight)
+            self._hurry(flight)
         await flight.done.wait()
         if flight.error is not None:
             raise ChunkUnavailable(str(flight.error)) from flight.error
@@ -269,27 +272,26 @@ class ChunkCache:
                     self._start(ref, bypass)
 
     def _start(self, ref: ChunkRef, bypass: bool = False, *, wanted: bool = False) -> _Flight:
-        flight = self._flights[ref.id] = _Flight(bypass, wanted=wanted, ref=ref)
+        flight = self._flights[ref.id] = _Flight(ref, bypass, wanted=wanted)
         if self.disk is not None and self.disk.may_hold(ref.id) and self._unpackers_ready():
             if wanted:
-                self._to_unpack.appendleft((ref, flight))
+                self._to_unpack.appendleft(flight)
             else:
-                self._to_unpack.append((ref, flight))
+                self._to_unpack.append(flight)
             self._send_unpacks()
         else:
-            self._jobs.put((ref, flight))
+            self._jobs.put(flight)
         return flight
 
     def _unpackers_ready(self) -> bool:
         """Whether an unpacker takes chunks now."""
         return any(u.ready for u in self._unpackers)
 
-    def _hurry(self, ref: ChunkRef, flight: _Flight) -> None:
+    def _hurry(self, flight: _Flight) -> None:
         """A reader now waits for a chunk that waits for an unpacker: it goes first."""
-        job = (ref, flight)
-        if job in self._to_unpack:
-            self._to_unpack.remove(job)
-            self._to_unpack.appendleft(job)
+        if flight in self._to_unpack:
+            self._to_unpack.remove(flight)
+            self._to_unpack.appendleft(flight)
 
     def _send_unpacks(self) -> None:
         """Hand waiting chunks to the unpackers that have a slot free."""
@@ -297,14 +299,14 @@ class ChunkCache:
             unpacker = max(self._unpackers, key=lambda u: u.idle if u.ready else -1)
             if not (unpacker.ready and unpacker.idle):
                 return
-            ref, flight = self._to_unpack.popleft()
+            flight = self._to_unpack.popleft()
             try:
-                slot = unpacker.send(ref, promote=not flight.bypass)
+                slot = unpacker.send(flight.ref, promote=not flight.bypass)
             except OSError:  # it died: its replies task reports it
-                self._to_unpack.appendleft((ref, flight))
+                self._to_unpack.appendleft(flight)
                 self._unpackers.remove(unpacker)
                 continue
-            self._unpacking[unpacker, slot] = (ref, flight)
+            self._unpacking[unpacker, slot] = flight
         while self._to_unpack and not self._unpackers:  # none left: the fetch threads
             self._jobs.put(self._to_unpack.popleft())
 
@@ -314,13 +316,13 @@ class ChunkCache:
         assert self.disk is not None
         try:
             async for slot, status, payload in unpacker.replies():
-                ref, flight = self._unpacking.pop((unpacker, slot))
+                flight = self._unpacking.pop((unpacker, slot))
                 if status == unpack.OK:
-                    self.disk.hit(ref.id, ref.stored, promote=not flight.bypass)
-                    self._landed(ref, flight, payload, None)
+                    self.disk.hit(flight.ref.id, flight.ref.stored, promote=not flight.bypass)
+                    self._landed(flight, payload, None)
                 else:
                     flight.unpacked = (status, payload.decode(errors="replace"))
-                    self._jobs.put((ref, flight))
+                    self._jobs.put(flight)
                 self._send_unpacks()
             log.error(
                 "chunk unpacker %d exited (status %s); the fetch threads take its chunks",
@@ -338,18 +340,17 @@ class ChunkCache:
 
     def _fetcher(self) -> None:
         """A fetch thread: fetch what is queued, and hand each result to the trio thread."""
-        while (job := self._jobs.get()) is not None:
+        while (flight := self._jobs.get()) is not None:
             if self._stopping:  # unmounting: nobody waits for what is still queued
                 continue
-            ref, flight = job
             data: bytes | None = None
             error: BaseException | None = None
             try:
-                data = self._fetch_sync(ref, flight)
+                data = self._fetch_sync(flight)
             except BaseException as exc:  # reported, and answered, on the trio thread
                 error = exc
             try:
-                self._token.run_sync_soon(self._landed, ref, flight, data, error)
+                self._token.run_sync_soon(self._landed, flight, data, error)
             except trio.RunFinishedError:
                 return
 
@@ -386,21 +387,18 @@ class ChunkCache:
                     self.nursery.start_soon(self._hedge, flight, flight.asking)
 
     async def _hedge(self, flight: _Flight, silent: str) -> None:
-        ref = flight.ref
-        assert ref is not None
         data: bytes | None = None
         error: BaseException | None = None
         try:
             data = await trio.to_thread.run_sync(
-                self._from_sites, ref, flight, silent, abandon_on_cancel=True
+                self._from_sites, flight, silent, abandon_on_cancel=True
             )
         except Exception as exc:  # reported, and answered, as the fetch threads' are
             error = exc
-        self._landed(ref, flight, data, error, hedge_for=silent)
+        self._landed(flight, data, error, hedge_for=silent)
 
     def _landed(
         self,
-        ref: ChunkRef,
         flight: _Flight,
         data: bytes | None,
         error: BaseException | None,
@@ -415,6 +413,7 @@ class ChunkCache:
             return
         if hedge_for and error is None:
             self.store.mark_slow(hedge_for)
+        ref = flight.ref
         del self._flights[ref.id]
         if isinstance(error, NoGoodCopy):
             log.error("chunk %s: %s", ref.id[:16], error)
@@ -433,16 +432,19 @@ class ChunkCache:
             self.stats.fetched_bytes += len(data)
         flight.done.set()
 
-    def _fetch_sync(self, ref: ChunkRef, flight: _Flight) -> bytes:
-        bypass = flight.bypass
+    def _check(self, flight: _Flight, stored: bytes) -> bytes:
+        """The plain bytes of a stored copy of the flight's chunk (CorruptObject if bad),
+        opened when a checking slot is free (:class:`_CheckSlots`)."""
+        with self._checking.slot(flight):
+            return check_stored(flight.ref, stored, self.keys, rehash=False)
 
-        def check(stored: bytes) -> bytes:
-            with self._checking.slot(flight):
-                return check_stored(ref, stored, self.keys, rehash=False)
-
+    def _fetch_sync(self, flight: _Flight) -> bytes:
+        ref, bypass = flight.ref, flight.bypass
         if self.disk is not None:
             if flight.unpacked is None:
-                cached = self.disk.get(ref.id, check, promote=not bypass, size=ref.stored)
+                cached = self.disk.get(
+                    ref.id, partial(self._check, flight), promote=not bypass, size=ref.stored
+                )
                 if cached is not None:
                     return cached
             else:  # an unpacker read the entry: it is gone or bad
@@ -453,20 +455,20 @@ class ChunkCache:
                     self.disk.unreadable(ref.id, reason, promote=not bypass)
                 else:
                     self.disk.missed(ref.id, promote=not bypass)
-        return self._from_sites(ref, flight)
+        return self._from_sites(flight)
 
-    def _from_sites(self, ref: ChunkRef, flight: _Flight, silent: str = "") -> bytes:
+    def _from_sites(self, flight: _Flight, silent: str = "") -> bytes:
         """The chunk from the sites, kept in the disk cache: read here one site after
         another, the hedge watching (a fetch thread), or with ``silent`` as a hedge of
         a read from that site, from the others (DualStore.read, which hedges itself)."""
 
         def check(stored: bytes) -> tuple[bytes, bytes]:
-            with self._checking.slot(flight):
-                return check_stored(ref, stored, self.keys, rehash=False), stored
+            return self._check(flight, stored), stored
 
         def asking(site: str) -> None:
             flight.since, flight.asking = time.monotonic(), site
 
+        ref = flight.ref
         key = chunks.chunk_key(ref.id)
         if silent:
             (data, stored), _site = self.store.read(key, check, exclude=silent)

@@ -26,12 +26,13 @@ from test_access_mount import BACKUP, USERS, as_uid
 
 from animfs import chunks, keys
 from animfs.cache import _CheckSlots, _Flight
-from animfs.chunks import CHUNK_SIZE
+from animfs.chunks import CHUNK_SIZE, ChunkRef
 from animfs.fs import _sequential
 
 from conftest import Archive, files_under, gen_dicom, sha256_file
 
 CLINICIAN = 1001  # dr.muller at CHL, from test_access_mount.USERS
+REF = ChunkRef("0" * 64, 1, 1)  # what a flight fetches, for the tests of _CheckSlots alone
 
 
 @pytest.fixture(scope="module")
@@ -488,17 +489,17 @@ def test_a_chunk_a_reader_waits_for_is_decompressed_before_read_ahead() -> None:
             assert not thread.is_alive()
 
     # Read-ahead queued first; then a chunk a reader waits for: it goes first.
-    with slots.slot(_Flight()):  # the one slot is busy
-        threads = [queue("ahead", _Flight())]
+    with slots.slot(_Flight(REF)):  # the one slot is busy
+        threads = [queue("ahead", _Flight(REF))]
         wait_for_queue(1)
-        threads.append(queue("wanted", _Flight(wanted=True)))
+        threads.append(queue("wanted", _Flight(REF, wanted=True)))
         wait_for_queue(2)
     join(threads)
     assert order == ["wanted", "ahead"]
     # A read-ahead chunk that a reader starts waiting for while it queues moves up too.
-    late = _Flight()
-    with slots.slot(_Flight()):
-        threads = [queue("other", _Flight())]
+    late = _Flight(REF)
+    with slots.slot(_Flight(REF)):
+        threads = [queue("other", _Flight(REF))]
         wait_for_queue(1)
         threads.append(queue("late", late))
         wait_for_queue(2)
