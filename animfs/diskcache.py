@@ -117,25 +117,14 @@ class DiskCache:
         ``check`` to judge): the mount reads a chunk per small file, and each system
         call here is also a hand-over of the GIL, which the trio thread waits for.
         """
-        path = self._entry(chunk_id)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            stored = read_entry(self._entry(chunk_id), size, promote=promote)
         except FileNotFoundError:
             self.missed(chunk_id, promote=promote)
             return None
         except OSError as exc:
             self.unreadable(chunk_id, exc.strerror or str(exc), promote=promote)
             return None
-        try:
-            stored = read_all(fd, size)
-            if promote:
-                with contextlib.suppress(OSError):
-                    os.utime(fd)  # the LRU order, for the next load
-        except OSError as exc:
-            self.unreadable(chunk_id, exc.strerror or str(exc), promote=promote)
-            return None
-        finally:
-            os.close(fd)
         try:
             value = check(stored)
         except CorruptObject as exc:
@@ -374,6 +363,22 @@ class DiskCache:
 def entry_path(chunks_dir: str, chunk_id: str) -> str:
     """The file of an entry, ``<dir>/chunks/<id[:2]>/<id>``, given ``<dir>/chunks``."""
     return os.path.join(chunks_dir, chunk_id[:2], chunk_id)
+
+
+def read_entry(path: str, size: int | None, *, promote: bool) -> bytes:
+    """The bytes of the entry at ``path`` (in one read when ``size`` is right), and when
+    ``promote`` its mtime set: the LRU order the next :meth:`DiskCache.load` rebuilds.
+    Raises FileNotFoundError for no entry, OSError for one that cannot be read.  Used
+    by :meth:`DiskCache.get` and by the mount's unpacker processes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        stored = read_all(fd, size)
+        if promote:
+            with contextlib.suppress(OSError):
+                os.utime(fd)
+        return stored
+    finally:
+        os.close(fd)
 
 
 def _scandir(folder: Path) -> list[os.DirEntry[str]]:

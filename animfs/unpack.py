@@ -56,8 +56,7 @@ from animfs import chunks, heap
 from animfs import config as config_mod
 from animfs import keys as keys_mod
 from animfs.chunks import CHUNK_SIZE, ChunkRef, CorruptChunk
-from animfs.diskcache import entry_path
-from animfs.store.local import read_all
+from animfs.diskcache import entry_path, read_entry
 
 REQUEST = struct.Struct("<IIIB32s")  # slot, plain size, stored size, flags, raw chunk id
 REPLY = struct.Struct("<IBI")  # slot, status, length (of the plain bytes, or of the reason)
@@ -218,20 +217,11 @@ def _read_entry(
 ) -> tuple[bytes | None, int, bytes]:
     """(stored bytes, OK, b"") of a disk-cache entry, or (None, status, reason)."""
     try:
-        fd = os.open(entry_path(chunks_dir, chunk_id), os.O_RDONLY | os.O_CLOEXEC)
+        stored = read_entry(entry_path(chunks_dir, chunk_id), size, promote=bool(flags & PROMOTE))
     except FileNotFoundError:
         return None, MISSING, b""
     except OSError as exc:
         return None, UNREADABLE, str(exc.strerror or exc).encode()
-    try:
-        stored = read_all(fd, size)
-        if flags & PROMOTE:
-            with contextlib.suppress(OSError):
-                os.utime(fd)
-    except OSError as exc:
-        return None, UNREADABLE, str(exc.strerror or exc).encode()
-    finally:
-        os.close(fd)
     return stored, OK, b""
 
 
