@@ -33,7 +33,6 @@ once; the lock guards the bookkeeping only and is never held during I/O.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from animfs.store.base import CorruptObject
-from animfs.store.local import read_all, write_all
+from animfs.store.local import TempNames, read_all, write_all
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,7 @@ class DiskCache:
         self.marker = directory / "changed"
         self._chunks = str(self.chunks)  # entries are looked up by string: no Path per read
         self._tmp = str(self.tmp)
-        self._tmp_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._tmp_numbers = itertools.count()
+        self._tmp_names = TempNames("")  # several processes may share the folder
         for folder in (self.chunks, self.tmp):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
@@ -210,8 +208,7 @@ class DiskCache:
         ``open`` of a Path, and a uuid4 name (a getrandom call) for each, cost a third
         more CPU per entry, and every cold read of a small file writes one."""
         path = self._entry(chunk_id)
-        # Unique among the processes sharing the folder, and among this one's threads.
-        tmp = os.path.join(self._tmp, f"{self._tmp_prefix}-{next(self._tmp_numbers)}")
+        tmp = os.path.join(self._tmp, self._tmp_names.next())
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:

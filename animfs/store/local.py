@@ -43,10 +43,7 @@ class LocalStore:
         self.root = root
         self._lock = threading.Lock()
         self._unsynced: list[Path] = []
-        # Temporary names unique among the processes writing to the site (an ingest, a
-        # mount's repairs) and among this one's threads, with no random bytes to fetch.
-        self._tmp_prefix = f"{_TMP}{os.getpid()}-{os.urandom(4).hex()}-"
-        self._tmp_numbers = itertools.count()
+        self._tmp_names = TempNames(_TMP)  # several processes may write to one site
 
     @classmethod
     def from_url(cls, name: str, url: str) -> LocalStore:
@@ -70,7 +67,7 @@ class LocalStore:
         ``open`` adds an fstat, an ioctl and an lseek to every object, each a hand-over
         of the GIL that ingest's other threads wait for."""
         path = self.path(key)
-        tmp = os.path.join(path.parent, f"{self._tmp_prefix}{next(self._tmp_numbers)}")
+        tmp = os.path.join(path.parent, self._tmp_names.next())
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             try:
@@ -223,6 +220,19 @@ class LocalStore:
 
 def _relative_key(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
+
+
+class TempNames:
+    """Names for temporary files, unique among the processes writing to one folder and
+    among this one's threads, with no random bytes to fetch for each (a system call,
+    and a hand-over of the GIL, on a path that writes a file per small file)."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = f"{prefix}{os.getpid()}-{os.urandom(4).hex()}-"
+        self._numbers = itertools.count()  # next() of a count is atomic under the GIL
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._numbers)}"
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
