@@ -225,7 +225,7 @@ class DualStore:
                 for slow in running.values():
                     self._mark_down(slow.name, f"no answer in {self.hedge_seconds:g} s")
                 return value, site.name
-        raise NoGoodCopy(f"{key}: no good copy at any site ({'; '.join(errors) or 'no sites'})")
+        raise _no_good_copy(key, errors)
 
     def read_here(
         self, key: str, check: Callable[[bytes], T], *, asking: Callable[[str], None]
@@ -244,7 +244,7 @@ class DualStore:
                 continue  # _read_one recorded it
             self._record_read(site.name, size)
             return value, site.name
-        raise NoGoodCopy(f"{key}: no good copy at any site ({'; '.join(errors) or 'no sites'})")
+        raise _no_good_copy(key, errors)
 
     def mark_slow(self, site: str) -> None:
         """``site`` did not answer a read within ``hedge_seconds`` (see :meth:`read_here`)."""
@@ -327,3 +327,8 @@ class DualStore:
                 }
                 for name, s in self.state.items()
             }
+
+
+def _no_good_copy(key: str, errors: list[str]) -> NoGoodCopy:
+    """What a read of ``key`` raises when every site failed, each as ``errors`` says."""
+    return NoGoodCopy(f"{key}: no good copy at any site ({'; '.join(errors) or 'no sites'})")
