@@ -487,9 +487,13 @@ class Index:
             self._staged[series] = files
         return files
 
-    def _entry_in(self, txn: lmdb.Transaction, ino: int) -> tuple[int, listing.Entry] | None:
-        """(series inode, listing entry) of the instance file ``ino``, or None."""
-        data = txn.get(_ino_key(ino), db=self._db["nodes"])
+    def _entry_in(
+        self, txn: lmdb.Transaction, ino: int, data: bytes | memoryview | None = None
+    ) -> tuple[int, listing.Entry] | None:
+        """(series inode, listing entry) of the instance file ``ino``, or None; ``data``:
+        its value in ``nodes``, when the caller has read it already."""
+        if data is None:
+            data = txn.get(_ino_key(ino), db=self._db["nodes"])
         if data is None or data[0] != IN_SERIES:
             return None
         series = _U64.unpack_from(data, 1)[0]
@@ -503,7 +507,7 @@ class Index:
             return None
         if data[0] != IN_SERIES:
             return _decode_node(ino, data)
-        found = self._entry_in(txn, ino)
+        found = self._entry_in(txn, ino, data)
         return None if found is None else _file_node(*found)
 
     def _node_at(self, txn: lmdb.Transaction, ino: int) -> Node:
