@@ -723,13 +723,7 @@ class Index:
     def study_issuer(self, study_uid: str, patient_id: str) -> str | None:
         """The issuer under which a study is archived, if it is, for that PatientID."""
         ino = self.find_ino(b"S\0" + study_uid.encode())
-        for _depth in range(2):  # study -> first series -> first file
-            if ino is None:
-                return None
-            first = self.entries(ino, None, 1)
-            ino = first[0].ino if first else None
-        node = self.node(ino) if ino is not None else None
-        manifest = self.manifest(node.instance) if node is not None else None
+        manifest = self.first_manifest(ino) if ino is not None else None
         if manifest is None or manifest.instance.patient_id != patient_id:
             return None
         return manifest.instance.issuer

@@ -281,6 +281,25 @@ def test_issuer_defaults_to_the_ingesting_institution(archive: Archive, tmp_path
         assert sorted(os.listdir(m / "patients")) == ["CHL-42_Noissuer^A", "HRS-42_Noissuer^B"]
 
 
+def test_a_study_already_archived_keeps_its_issuer(archive: Archive, tmp_path: Path) -> None:
+    """Files without IssuerOfPatientID that a second institution ingests for a study the
+    archive already holds for that PatientID join the study, not a new patient."""
+    study = "1.2.826.0.1.3680043.10.1234.77"
+    gen_dicom.write_series(tmp_path / "a", patient_id="77", patient_name="Joined^A",
+                           study_uid=study, series_number=1, n_slices=2, rows=16, cols=16,
+                           seed=11)
+    gen_dicom.write_series(tmp_path / "b", patient_id="77", patient_name="Joined^A",
+                           study_uid=study, series_number=2, n_slices=2, rows=16, cols=16,
+                           seed=12)
+    archive.ingest(tmp_path / "a", extra=["--institution", "CHL"])
+    archive.ingest(tmp_path / "b", extra=["--institution", "HRS"])
+    with archive.mounted() as m:
+        assert os.listdir(m / "patients") == ["CHL-77_Joined^A"]
+        (study_folder,) = (m / "patients" / "CHL-77_Joined^A").iterdir()
+        assert len(list(study_folder.iterdir())) == 2  # both series
+        assert len(files_under(study_folder)) == 4
+
+
 def test_inode_size_mtime_stable_across_remount(archive: Archive, series_dir: Path) -> None:
     archive.ingest(series_dir)
 
