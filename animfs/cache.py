@@ -22,8 +22,11 @@ in the queue for those (:class:`_CheckSlots`).
 
 With unpackers (:mod:`animfs.unpack`), a chunk the disk cache holds is read,
 checked and decompressed in one of those processes instead, off the GIL that
-the trio thread needs for every request; what they cannot serve (an entry gone
-or damaged) goes on to the fetch threads.
+the trio thread needs for every request, and so is a chunk the disk cache lacks
+when the first site to ask is a local folder: read, checked, decompressed and
+written to the disk cache there, the mount keeping the books of both.  What they
+cannot serve (an entry gone or damaged, a site copy that is not good) goes on
+to the fetch threads.
 
 Backup reads (``bypass=True``) stream past both caches: they are served from
 what is cached but promote nothing, fill nothing and evict nothing.  What read-
@@ -52,6 +55,7 @@ from animfs.diskcache import DiskCache, save_stats
 from animfs.keys import KeyRing
 from animfs.store.base import CorruptObject
 from animfs.store.dual import DualStore, NoGoodCopy
+from animfs.store.local import LocalStore
 from animfs.unpack import Unpacker
 
 log = logging.getLogger(__name__)
@@ -81,8 +85,13 @@ class _Flight:
     # What an unpacker found instead of a good entry (status, reason): the fetch
     # thread that takes it over does the disk cache's bookkeeping, then the sites.
     unpacked: tuple[int, str] | None = None
-    # The site a fetch thread is asking for the chunk, and since when (monotonic): one
-    # silent for the store's hedge_seconds is hedged (see ChunkCache._hedge_slow_sites).
+    # The local site an unpacker fetches it from (not in the disk cache: the miss is
+    # counted), and whether room is reserved in the disk cache for the unpacker to keep it.
+    site: str = ""
+    keeping: bool = False
+    # The site being asked for the chunk (by a fetch thread or an unpacker), and since
+    # when (monotonic) it waits there, or waits for or at an unpacker: one silent for the
+    # store's hedge_seconds is hedged (see ChunkCache._hedge_slow_sites).
     asking: str = ""
     since: float = 0.0
     hedged: bool = False
@@ -191,6 +200,7 @@ class ChunkCache:
         self._unpackers: list[Unpacker] = []
         self._unpacking: dict[tuple[Unpacker, int], _Flight] = {}  # by unpacker and slot
         self._to_unpack: deque[_Flight] = deque()  # waiting for a slot
+        self._stuck: set[Unpacker] = set()  # silent on a chunk for hedge_seconds: sent nothing
         self._started = time.time()
         self._token = trio.lowlevel.current_trio_token()
         self._jobs: queue.SimpleQueue[_Flight | None] = queue.SimpleQueue()
@@ -205,10 +215,12 @@ class ChunkCache:
         nursery.start_soon(self._hedge_slow_sites)
         if disk is not None:
             nursery.start_soon(self._keep_disk, disk)
+        local = [site for site in store.sites if isinstance(site, LocalStore)]
+        self._local_sites = {site.name: number for number, site in enumerate(local)}
         if disk is not None and config_path is not None:
             for _ in range(unpackers):
                 try:
-                    unpacker = Unpacker(config_path)
+                    unpacker = Unpacker(config_path, [site.root for site in local])
                 except OSError as exc:  # the fetch threads do it all, as before unpackers
                     log.warning("cannot start a chunk unpacker: %s", exc.strerror or exc)
                     break
@@ -273,7 +285,15 @@ class ChunkCache:
 
     def _start(self, ref: ChunkRef, bypass: bool = False, *, wanted: bool = False) -> _Flight:
         flight = self._flights[ref.id] = _Flight(ref, bypass, wanted=wanted)
-        if self.disk is not None and self.disk.may_hold(ref.id) and self._unpackers_ready():
+        disk = self.disk
+        if disk is not None and self._unpackers_ready():
+            if not disk.may_hold(ref.id):
+                flight.site = self._local_first()
+                if not flight.site:
+                    self._jobs.put(flight)
+                    return flight
+                disk.missed(ref.id, promote=not bypass)
+            flight.since = time.monotonic()
             if wanted:
                 self._to_unpack.appendleft(flight)
             else:
@@ -283,9 +303,18 @@ class ChunkCache:
             self._jobs.put(flight)
         return flight
 
+    def _local_first(self) -> str:
+        """The site to read first, if it is a local folder, which an unpacker can read."""
+        first = self.store.read_order()[0].name
+        return first if first in self._local_sites else ""
+
     def _unpackers_ready(self) -> bool:
         """Whether an unpacker takes chunks now."""
-        return any(u.ready for u in self._unpackers)
+        return any(self._takes(u) for u in self._unpackers)
+
+    def _takes(self, unpacker: Unpacker) -> bool:
+        """Ready, and not silent on a chunk for too long (see _hedge_slow_sites)."""
+        return unpacker.ready and unpacker not in self._stuck
 
     def _hurry(self, flight: _Flight) -> None:
         """A reader now waits for a chunk that waits for an unpacker: it goes first."""
@@ -296,17 +325,26 @@ class ChunkCache:
     def _send_unpacks(self) -> None:
         """Hand waiting chunks to the unpackers that have a slot free."""
         while self._to_unpack and self._unpackers:
-            unpacker = max(self._unpackers, key=lambda u: u.idle if u.ready else -1)
-            if not (unpacker.ready and unpacker.idle):
+            unpacker = max(self._unpackers, key=lambda u: u.idle if self._takes(u) else -1)
+            if not (self._takes(unpacker) and unpacker.idle):
                 return
             flight = self._to_unpack.popleft()
+            ref, site = flight.ref, self._local_sites.get(flight.site)
+            flight.keeping = (
+                site is not None
+                and not flight.bypass
+                and self.disk is not None
+                and self.disk.reserve(ref.id, ref.stored)
+            )
             try:
-                slot = unpacker.send(flight.ref, promote=not flight.bypass)
+                slot = unpacker.send(ref, promote=not flight.bypass, site=site, keep=flight.keeping)
             except OSError:  # it died: its replies task reports it
+                self._unreserve(flight)
                 self._to_unpack.appendleft(flight)
                 self._unpackers.remove(unpacker)
                 continue
             self._unpacking[unpacker, slot] = flight
+            flight.since, flight.asking = time.monotonic(), flight.site  # (_hedge_slow_sites)
         while self._to_unpack and not self._unpackers:  # none left: the fetch threads
             self._jobs.put(self._to_unpack.popleft())
 
@@ -315,13 +353,20 @@ class ChunkCache:
         If it exits, its chunks go to the others or to the fetch threads."""
         assert self.disk is not None
         try:
-            async for slot, status, payload in unpacker.replies():
+            async for slot, status, plain, reason in unpacker.replies():
+                if unpacker in self._stuck:
+                    self._stuck.discard(unpacker)
+                    log.info("chunk unpacker %d answers again", unpacker.pid)
                 flight = self._unpacking.pop((unpacker, slot))
-                if status == unpack.OK:
+                if flight.site:
+                    self._fetched(flight, status, plain, reason)
+                elif status == unpack.OK:
                     self.disk.hit(flight.ref.id, flight.ref.stored, promote=not flight.bypass)
-                    self._landed(flight, payload, None)
+                    self._landed(flight, plain, None)
+                elif flight.hedged:  # the fetch threads read it too (_hedge_slow_sites)
+                    self._landed(flight, None, NoGoodCopy(f"disk cache: {reason or 'missing'}"))
                 else:
-                    flight.unpacked = (status, payload.decode(errors="replace"))
+                    flight.unpacked = (status, reason)
                     self._jobs.put(flight)
                 self._send_unpacks()
             log.error(
@@ -332,11 +377,41 @@ class ChunkCache:
         finally:
             if unpacker in self._unpackers:
                 self._unpackers.remove(unpacker)
+            self._stuck.discard(unpacker)
             for key in [k for k in self._unpacking if k[0] is unpacker]:
-                self._to_unpack.appendleft(self._unpacking.pop(key))
+                flight = self._unpacking.pop(key)
+                self._unreserve(flight)
+                flight.asking = ""
+                self._to_unpack.appendleft(flight)
             self._send_unpacks()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(unpacker.close)
+
+    def _fetched(self, flight: _Flight, status: int, plain: bytes | None, reason: str) -> None:
+        """What an unpacker fetched from a local site: the books of the disk cache and of
+        the site, then the readers.  A copy that was not good goes to the fetch threads,
+        which read the sites again, journalling it for repair (unless a hedge of this
+        slow read has landed the chunk meanwhile)."""
+        assert self.disk is not None
+        flight.asking = ""
+        if flight.keeping:
+            flight.keeping = False
+            self.disk.release(flight.ref.id, written=status == unpack.OK)
+        if status == unpack.NOT_KEPT:
+            self.disk.write_failed(reason)
+        if plain is not None:
+            self.store.record_read(flight.site, flight.ref.stored)
+            self._landed(flight, plain, None)
+        elif flight.hedged:  # the other sites are asked too: this read failed, that one may not
+            self._landed(flight, None, NoGoodCopy(f"{flight.site}: {reason}"))
+        else:
+            self._jobs.put(flight)
+
+    def _unreserve(self, flight: _Flight) -> None:
+        """Free the disk-cache room held for an unpacker that will not keep the chunk."""
+        if flight.keeping and self.disk is not None:
+            flight.keeping = False
+            self.disk.release(flight.ref.id, written=False)
 
     def _fetcher(self) -> None:
         """A fetch thread: fetch what is queued, and hand each result to the trio thread."""
@@ -375,7 +450,10 @@ class ChunkCache:
         that site has been silent for the store's ``hedge_seconds``, the other sites are
         asked as well, in a thread of trio's (the fetch threads may all be waiting on
         that site), and the first good copy lands the chunk.  The silent site is then
-        marked down, so that the reads after it ask the others first."""
+        marked down, so that the reads after it ask the others first.  An unpacker reading
+        a local site is watched the same way; one silent that long on a disk-cache entry
+        (its disk hung, or the process stopped) has the fetch threads read the chunk too,
+        and chunks that waited that long for an unpacker go to them instead."""
         hedge = self.store.hedge_seconds
         while True:
             await trio.sleep(HEDGE_TICK)
@@ -385,6 +463,23 @@ class ChunkCache:
                     flight.hedged = True
                     flight.reads += 1
                     self.nursery.start_soon(self._hedge, flight, flight.asking)
+            for (unpacker, _slot), flight in self._unpacking.items():
+                if now - flight.since < hedge:
+                    continue
+                if unpacker not in self._stuck:
+                    self._stuck.add(unpacker)
+                    log.warning(
+                        "chunk unpacker %d silent for %g s; the fetch threads serve meanwhile",
+                        unpacker.pid,
+                        hedge,
+                    )
+                if not flight.asking and not flight.hedged:
+                    flight.hedged = True
+                    flight.reads += 1
+                    self._jobs.put(flight)
+            for flight in [f for f in self._to_unpack if now - f.since >= hedge]:
+                self._to_unpack.remove(flight)
+                self._jobs.put(flight)
 
     async def _hedge(self, flight: _Flight, silent: str) -> None:
         data: bytes | None = None
@@ -440,7 +535,7 @@ class ChunkCache:
 
     def _fetch_sync(self, flight: _Flight) -> bytes:
         ref, bypass = flight.ref, flight.bypass
-        if self.disk is not None:
+        if self.disk is not None and not flight.site:  # (else known to be missing there)
             if flight.unpacked is None:
                 cached = self.disk.get(
                     ref.id, partial(self._check, flight), promote=not bypass, size=ref.stored

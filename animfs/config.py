@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 ROLES = ("clinician", "admin", "backup")
+DEFAULT_UNPACKERS = min(4, os.cpu_count() or 1)  # processes opening chunks (animfs.unpack)
 
 
 class ConfigError(Exception):
@@ -61,6 +62,7 @@ class Config:
     users: Mapping[int, User] = field(default_factory=dict)
     repair_interval: float = 300.0  # seconds between the mount's background repair passes
     series_prefetch: int = 8  # following files of a folder fetched when one is opened; 0: off
+    unpackers: int = DEFAULT_UNPACKERS  # the mount's chunk-opening processes (animfs.unpack)
     snapshot_interval: float = 3600.0  # seconds between the mount's index snapshots; 0: none
     host: str = ""  # this mount host's name in the sites' logs (animfs.sync); "" = hostname
     sync_interval: float = 60.0  # seconds between the mount's syncs from other hosts; 0: none
@@ -166,6 +168,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         users=_users(top.table("users", required=False)),
         repair_interval=float(replication.positive("repair_interval", 300)),
         series_prefetch=_non_negative(cache, "series_prefetch", 8),
+        unpackers=_non_negative(cache, "unpackers", DEFAULT_UNPACKERS),
         snapshot_interval=float(_non_negative(index, "snapshot_interval", 3600)),
         host=_host(top.table("sync", required=False)),
         sync_interval=float(_non_negative(top.table("sync", required=False), "interval", 60)),
@@ -249,6 +252,8 @@ dir = "{dir}/cache"
 max_bytes = 10_000_000_000            # disk cache cap
 memory_bytes = 268_435_456            # decompressed-chunk LRU
 series_prefetch = 8                   # files fetched ahead when one of a folder is opened
+# unpackers = 2                       # processes opening chunks for the mount (default: cores,
+                                      # at most 4); 0: its own threads do it all
 
 [replication]
 min_sites = 1                         # sites that must hold a write before it is acknowledged

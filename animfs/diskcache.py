@@ -70,7 +70,7 @@ class DiskCache:
         self._bytes = 0  # entries plus reservations of entries being written
         self._writing: dict[str, int] = {}
         self._touched_while_loading: set[str] | None = None
-        self._failing: int | None = None  # errno of the writes failing now (a full disk)
+        self._failing: str | None = None  # why writes fail now (a full disk)
         self._loaded = False  # the folder has been read once (see may_hold)
         self.counters = {
             "hits": 0,
@@ -177,15 +177,37 @@ class DiskCache:
     def put(self, chunk_id: str, stored: bytes) -> bool:
         """Keep a stored chunk (already checked by the caller); False if it was not kept."""
         size = len(stored)
+        with self._lock:
+            if chunk_id in self._entries or chunk_id in self._writing:
+                self._note(chunk_id)
+                if chunk_id in self._entries:
+                    self._entries.move_to_end(chunk_id)
+                return True
+        if not self.reserve(chunk_id, size):
+            return False
+        tmp = os.path.join(self._tmp, self._tmp_names.next())
+        try:
+            write_entry(self._entry(chunk_id), tmp, stored)
+        except OSError as exc:
+            self.release(chunk_id, written=False)
+            self.write_failed(exc.strerror or str(exc))
+            return False
+        self.release(chunk_id, written=True)
+        return True
+
+    # An entry is written under a reservation, so that use stays under the cap with what
+    # is being written counted in: by :meth:`put` here, or by one of the mount's unpacker
+    # processes (:mod:`animfs.unpack`), which the mount reserves for.
+
+    def reserve(self, chunk_id: str, size: int) -> bool:
+        """Room for an entry of ``size`` bytes about to be written, made by evicting; False
+        when it is not to be written: already there or being written, or no room."""
         if size > self.max_bytes:
             return False
         with self._lock:
             self._note(chunk_id)
-            if chunk_id in self._entries:
-                self._entries.move_to_end(chunk_id)
-                return True
-            if chunk_id in self._writing:
-                return True
+            if chunk_id in self._entries or chunk_id in self._writing:
+                return False
             self._bytes += size
             victims = self._evict()
             if self._bytes > self.max_bytes:  # the rest is being written: no room now
@@ -193,54 +215,33 @@ class DiskCache:
                 return False
             self._writing[chunk_id] = size
         self._remove(victims)
-        ok = self._write(chunk_id, stored)
-        with self._lock:
-            del self._writing[chunk_id]
-            if ok:
-                self._entries[chunk_id] = size
-                self.counters["fills"] += 1
-            else:
-                self._bytes -= size
-        return ok
-
-    def _write(self, chunk_id: str, stored: bytes) -> bool:
-        """Write an entry by temp-and-rename.  With os calls on strings: a buffered
-        ``open`` of a Path, and a uuid4 name (a getrandom call) for each, cost a third
-        more CPU per entry, and every cold read of a small file writes one."""
-        path = self._entry(chunk_id)
-        tmp = os.path.join(self._tmp, self._tmp_names.next())
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                write_all(fd, stored)
-            finally:
-                os.close(fd)
-            try:
-                os.replace(tmp, path)
-            except FileNotFoundError:  # first entry of its fan-out folder
-                with contextlib.suppress(FileExistsError):  # another thread's first
-                    os.mkdir(os.path.dirname(path), mode=0o700)
-                os.replace(tmp, path)
-        except OSError as exc:
-            self._unlink(Path(tmp))
-            self.write_failed(exc)
-            return False
-        if self._failing is not None:
-            self._failing = None
-            log.info("disk cache: %s takes writes again; caching resumes", self.dir)
         return True
 
-    def write_failed(self, exc: OSError) -> None:
+    def release(self, chunk_id: str, *, written: bool) -> None:
+        """The end of a reservation: the entry is there (``written``), or its room is free."""
+        with self._lock:
+            size = self._writing.pop(chunk_id)
+            if written:
+                self._entries[chunk_id] = size
+                self.counters["fills"] += 1
+                resumed, self._failing = self._failing is not None, None
+            else:
+                self._bytes -= size
+                resumed = False
+        if resumed:
+            log.info("disk cache: %s takes writes again; caching resumes", self.dir)
+
+    def write_failed(self, reason: str) -> None:
         """Warn once while writes keep failing the same way: a full cache disk fails
         every fill, and reads are served all the same, from the sites."""
         with self._lock:
-            first, self._failing = self._failing != exc.errno, exc.errno
+            first, self._failing = self._failing != reason, reason
         if first:
             log.warning(
                 "disk cache: cannot write to %s: %s; chunks are served without caching "
                 "until it takes writes again",
                 self.dir,
-                exc.strerror,
+                reason,
             )
 
     # -- bookkeeping -----------------------------------------------------------------------
@@ -378,6 +379,30 @@ def read_entry(path: str, size: int | None, *, promote: bool) -> bytes:
         os.close(fd)
 
 
+def write_entry(path: str, tmp: str, stored: bytes) -> None:
+    """Write the entry at ``path`` through the temporary file ``tmp`` and a rename, so that
+    a crash never leaves half an entry under its name.  With os calls on strings: a
+    buffered ``open`` of a Path costs a third more CPU, and every cold read of a small file
+    writes one.  Raises OSError, the temporary file removed.  Used by :meth:`DiskCache.put`
+    and by the mount's unpacker processes."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            write_all(fd, stored)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, path)
+        except FileNotFoundError:  # first entry of its fan-out folder
+            with contextlib.suppress(FileExistsError):  # another writer's first
+                os.mkdir(os.path.dirname(path), mode=0o700)
+            os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _scandir(folder: Path) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(folder) as it:
@@ -399,7 +424,7 @@ def save_stats(cache: DiskCache, extra: dict[str, Any] | None = None) -> None:
         os.replace(tmp, cache.dir / STATS_FILE)
     except OSError as exc:
         DiskCache._unlink(tmp)
-        cache.write_failed(exc)
+        cache.write_failed(exc.strerror or str(exc))
 
 
 def report(directory: Path, max_bytes: int) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from animfs.store.dual import DualStore, NotEnoughSites, WriteBatch
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024  # the kernel then sends 1 MiB read requests
-UNPACKERS = min(4, os.cpu_count() or 1)  # processes that open disk-cache hits (animfs.unpack)
 START_TIMEOUT = 30.0
 STATE_SECONDS = 3.0  # how often access-state changes are looked for and published
 PROBE_SECONDS = 3.0  # how often sites marked down are asked whether they answer again
@@ -182,7 +181,7 @@ async def _serve(
             nursery=nursery,
             disk=disk,
             keys=ring,
-            unpackers=UNPACKERS,
+            unpackers=config.unpackers,
             config_path=config.path,
         )
         audit_log = GroupCommit(audit_file, nursery) if audit_file is not None else None

@@ -1,5 +1,5 @@
-"""Disk-cache hits opened in processes of their own: read, checked and decompressed
-away from the mount's GIL.
+"""Chunks opened in processes of their own: read from the disk cache or from a local
+site, checked and decompressed away from the mount's GIL.
 
 Why: a warm read of a series is one small file after another, each a chunk in
 the disk cache.  Opened by the mount's fetch threads, each chunk's read, seal
@@ -10,25 +10,38 @@ of the mount's CPU in waking and switching threads, even with one fetch
 thread.  In a process of its own the same work costs the trio thread one
 record on a pipe each way and a copy of the plain bytes.
 
-Each unpacker is a child process (``python -m animfs.unpack CONFIG FD SLOTS``)
+Each unpacker is a child process (``python -m animfs.unpack CONFIG FD SLOTS
+PRIORITY SITE...``)
 that shares with the mount a memory file of ``SLOTS`` slots of
 :data:`~animfs.chunks.CHUNK_SIZE` bytes (``FD``, a memfd).  The mount writes a
 request for each chunk to the child's stdin, and the child answers on its
-stdout, one fixed record each way (:data:`REQUEST`, :data:`REPLY`):
+stdout, one fixed record each way (:data:`REQUEST`, :data:`REPLY`), the reply
+followed by a reason (UTF-8) of the length it gives:
 
 - ``OK``: the plain chunk is in the slot, ``length`` bytes;
 - ``MISSING``: no entry under that name (evicted, or never cached);
-- ``DAMAGED``: the entry does not open, decompress or match its id; a reason of
-  ``length`` bytes (UTF-8) follows the record;
-- ``UNREADABLE``: the entry is there but reading it failed (the cache's disk); a
-  reason follows, as for ``DAMAGED``.
+- ``DAMAGED``: the entry does not open, decompress or match its id (a reason);
+- ``UNREADABLE``: the entry is there but reading it failed (the cache's disk; a
+  reason);
+- ``NOT_KEPT``: a chunk fetched from a site is in the slot, as for ``OK``, but it
+  could not be written to the disk cache (a reason);
+- ``FETCH_FAILED``: the site's copy is missing, damaged or unreadable (a reason).
 
-The child reads the entry, sets its mtime when asked to (the LRU order a
-later mount rebuilds, as :meth:`DiskCache.get` does), and opens it with
-:func:`animfs.chunks.unseal` exactly as a fetch thread would.  The mount keeps
-every other part of the disk cache's bookkeeping (:mod:`animfs.cache`), and a
-missing or damaged entry goes on to its fetch threads (drop, then the sites).
-The child exits when its stdin closes: at unmount, or when the mount dies.
+By default the child reads a disk-cache entry, sets its mtime when asked to (the
+LRU order a later mount rebuilds, as :meth:`DiskCache.get` does), and opens it
+with :func:`animfs.chunks.unseal` exactly as a fetch thread would.  With
+``FETCH``, it reads the chunk from the local site the request names instead (the
+folders the mount gives on its command line, ``SITE...``), opens it the same way
+and, with ``KEEP``, writes it to the disk cache by temp-and-rename, under the
+room the mount reserved for it.  A cold series is a site read, a check, a
+decompression and a cache write per small file: done by the fetch threads, those
+were 39 futex calls per file and half the mount's CPU in the kernel.
+
+Only the happy path is done here.  The mount keeps every part of the disk cache's
+bookkeeping and of the sites' health (:mod:`animfs.cache`); a missing or damaged
+entry, and a site copy that is not good, go on to its fetch threads, which read
+the sites again with all of it: a bad copy journalled for repair, the next site
+asked.  The child exits when its stdin closes: at unmount, or when the mount dies.
 
 A child takes about a third of a second of CPU to start (the interpreter,
 numpy, zstd, the key ring), which must not come out of the mount's first
@@ -49,30 +62,31 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from animfs import chunks, heap
 from animfs import config as config_mod
 from animfs import keys as keys_mod
 from animfs.chunks import CHUNK_SIZE, ChunkRef, CorruptChunk
-from animfs.diskcache import entry_path, read_entry
+from animfs.diskcache import entry_path, read_entry, write_entry
+from animfs.store.local import LocalStore, TempNames, read_all
 
-REQUEST = struct.Struct("<IIIB32s")  # slot, plain size, stored size, flags, raw chunk id
-REPLY = struct.Struct("<IBI")  # slot, status, length (of the plain bytes, or of the reason)
+REQUEST = struct.Struct("<IIIBB32s")  # slot, plain size, stored size, flags, site, raw id
+REPLY = struct.Struct("<IBII")  # slot, status, length of the plain bytes, of the reason
 PROMOTE = 1  # request flag: a reader's hit, which sets the entry's mtime (not a backup's)
-OK, MISSING, DAMAGED, UNREADABLE, READY = 0, 1, 2, 3, 4
+FETCH = 2  # request flag: from the site numbered ``site``, not from the disk cache
+KEEP = 4  # request flag, with FETCH: write the chunk to the disk cache
+OK, MISSING, DAMAGED, UNREADABLE, READY, NOT_KEPT, FETCH_FAILED = range(7)
 SLOTS = 2  # chunks in flight per child: one being opened, one waiting in its pipe
 START_NICENESS = 19  # of a child while it starts (root only: it can take its priority back)
 STOP_SECONDS = 10.0  # how long an unmount waits for a child to finish its chunk
 
 
 def reply(slot: int, status: int, length: int = 0, reason: bytes = b"") -> bytes:
-    """One reply record as the child writes it: ``length`` is the plain chunk's for
-    ``OK``; ``DAMAGED`` and ``UNREADABLE`` carry a reason, whose length it is then."""
-    if status in (DAMAGED, UNREADABLE):
-        return REPLY.pack(slot, status, len(reason)) + reason
-    return REPLY.pack(slot, status, length)
+    """One reply record as the child writes it, with its reason: ``length`` is the
+    plain chunk's (``OK``, ``NOT_KEPT``)."""
+    return REPLY.pack(slot, status, length, len(reason)) + reason
 
 
 def next_reply(pending: bytearray) -> tuple[int, int, int, bytes] | None:
@@ -80,8 +94,8 @@ def next_reply(pending: bytearray) -> tuple[int, int, int, bytes] | None:
     length, reason); None while it has not all arrived (a pipe read may end anywhere)."""
     if len(pending) < REPLY.size:
         return None
-    slot, status, length = REPLY.unpack_from(pending)
-    end = REPLY.size + (length if status in (DAMAGED, UNREADABLE) else 0)
+    slot, status, length, reason_length = REPLY.unpack_from(pending)
+    end = REPLY.size + reason_length
     if len(pending) < end:
         return None
     reason = bytes(pending[REPLY.size : end])
@@ -93,15 +107,19 @@ class Unpacker:
     """The mount's end of one child process: its pipes and its slots.  Used from the
     trio thread only; :meth:`replies` is the one task that reads the child's answers."""
 
-    def __init__(self, config_path: Path, slots: int = SLOTS) -> None:
+    def __init__(self, config_path: Path, sites: Sequence[Path] = (), slots: int = SLOTS) -> None:
+        """``sites``: the folders of the local sites, which :meth:`send` numbers from 0."""
         memfd = os.memfd_create("animfs-unpack", os.MFD_CLOEXEC)
         try:
             os.ftruncate(memfd, slots * CHUNK_SIZE)
             self._shared = mmap.mmap(memfd, slots * CHUNK_SIZE)
             argv = [sys.executable, "-m", "animfs.unpack", str(config_path), str(memfd), str(slots)]
             if os.geteuid() == 0:  # started niced, it takes the mount's priority back
-                priority = str(os.getpriority(os.PRIO_PROCESS, 0))
-                argv = ["nice", "-n", str(START_NICENESS), *argv, priority]
+                argv = ["nice", "-n", str(START_NICENESS), *argv]
+                argv.append(str(os.getpriority(os.PRIO_PROCESS, 0)))
+            else:
+                argv.append("-")
+            argv += [str(folder) for folder in sites]
             self._proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
@@ -124,22 +142,28 @@ class Unpacker:
         """Slots free for another request."""
         return len(self._free)
 
-    def send(self, ref: ChunkRef, *, promote: bool) -> int:
-        """Ask for a chunk; returns its slot.  Raises OSError if the child is gone.
-        Never blocks: at most ``slots`` small records wait in the pipe."""
+    def send(
+        self, ref: ChunkRef, *, promote: bool, site: int | None = None, keep: bool = False
+    ) -> int:
+        """Ask for a chunk from the disk cache, or from local site number ``site`` (and then
+        written to the disk cache if ``keep``); returns its slot.  Raises OSError if the
+        child is gone.  Never blocks: at most ``slots`` small records wait in the pipe."""
         slot = self._free.pop()
         flags = PROMOTE if promote else 0
+        if site is not None:
+            flags |= FETCH | (KEEP if keep else 0)
         try:
             self._requests.write(
-                REQUEST.pack(slot, ref.size, ref.stored, flags, bytes.fromhex(ref.id))
+                REQUEST.pack(slot, ref.size, ref.stored, flags, site or 0, bytes.fromhex(ref.id))
             )
         except OSError:
             self._free.append(slot)
             raise
         return slot
 
-    async def replies(self) -> AsyncIterator[tuple[int, int, bytes]]:
-        """(slot, status, plain bytes or reason) as the child answers; ends when it exits."""
+    async def replies(self) -> AsyncIterator[tuple[int, int, bytes | None, str]]:
+        """(slot, status, plain bytes or None, reason) as the child answers; ends when it
+        exits."""
         import trio  # here: the child never needs it, and it is half the child's imports
 
         pending = bytearray()
@@ -159,7 +183,8 @@ class Unpacker:
                     continue
                 start = slot * CHUNK_SIZE
                 self._free.append(slot)
-                yield slot, status, self._shared[start : start + length] if status == OK else reason
+                plain = self._shared[start : start + length] if status in (OK, NOT_KEPT) else None
+                yield slot, status, plain, reason.decode(errors="replace")
 
     def exit_status(self) -> int | None:
         """The child's exit status, or None while it runs."""
@@ -182,14 +207,17 @@ class Unpacker:
             self._shared.close()
 
 
-def serve(config_path: str, memfd: int, slots: int, priority: int | None = None) -> None:
+def serve(config_path: str, memfd: int, slots: int, priority: int | None, sites: list[str]) -> None:
     """The child: answer requests until stdin closes.  ``priority``: the niceness to take
-    once started (see the module docstring)."""
+    once started (see the module docstring); ``sites``: the local sites' folders."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the mount's to handle
     heap.keep_freed_buffers()
     config = config_mod.load(config_path)
     ring = keys_mod.for_config(config)
     chunks_dir = str(config.cache_dir / "chunks")
+    tmp_dir = str(config.cache_dir / "tmp")
+    tmp_names = TempNames("")
+    stores = [LocalStore(f"site {n}", Path(folder)) for n, folder in enumerate(sites)]
     shared = mmap.mmap(memfd, slots * CHUNK_SIZE)
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     if priority is not None:
@@ -198,18 +226,43 @@ def serve(config_path: str, memfd: int, slots: int, priority: int | None = None)
     replies.write(reply(0, READY))
     replies.flush()
     while len(record := requests.read(REQUEST.size)) == REQUEST.size:
-        slot, size, stored_size, flags, raw_id = REQUEST.unpack(record)
+        slot, size, stored_size, flags, site, raw_id = REQUEST.unpack(record)
         chunk_id = raw_id.hex()
-        stored, status, reason = _read_entry(chunks_dir, chunk_id, stored_size, flags)
+        if flags & FETCH:
+            stored, status, reason = _read_site(stores[site], chunk_id, stored_size)
+        else:
+            stored, status, reason = _read_entry(chunks_dir, chunk_id, stored_size, flags)
+        length = 0
         if stored is not None:
             try:
                 plain = chunks.unseal(chunk_id, stored, size, ring, rehash=False)
             except CorruptChunk as exc:
-                status, reason = DAMAGED, str(exc).encode()
+                status = FETCH_FAILED if flags & FETCH else DAMAGED
+                reason = str(exc).encode()
             else:
-                shared[slot * CHUNK_SIZE : slot * CHUNK_SIZE + len(plain)] = plain
-        replies.write(reply(slot, status, len(plain) if status == OK else 0, reason))
+                length = len(plain)
+                shared[slot * CHUNK_SIZE : slot * CHUNK_SIZE + length] = plain
+                if flags & KEEP:
+                    tmp = os.path.join(tmp_dir, tmp_names.next())
+                    try:
+                        write_entry(entry_path(chunks_dir, chunk_id), tmp, stored)
+                    except OSError as exc:
+                        status, reason = NOT_KEPT, str(exc.strerror or exc).encode()
+        replies.write(reply(slot, status, length, reason))
         replies.flush()
+
+
+def _read_site(site: LocalStore, chunk_id: str, size: int) -> tuple[bytes | None, int, bytes]:
+    """(stored bytes, OK, b"") of a chunk's copy at a local site, or (None, FETCH_FAILED,
+    reason): the mount's fetch threads then read the sites again, with the bookkeeping."""
+    try:
+        fd = os.open(str(site.path(chunks.chunk_key(chunk_id))), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return read_all(fd, size), OK, b""
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return None, FETCH_FAILED, str(exc.strerror or exc).encode()
 
 
 def _read_entry(
@@ -226,5 +279,6 @@ def _read_entry(
 
 
 if __name__ == "__main__":
-    config_arg, memfd_arg, slots_arg, *priority_arg = sys.argv[1:]
-    serve(config_arg, int(memfd_arg), int(slots_arg), *map(int, priority_arg))
+    config_arg, memfd_arg, slots_arg, priority_arg, *site_args = sys.argv[1:]
+    priority = None if priority_arg == "-" else int(priority_arg)
+    serve(config_arg, int(memfd_arg), int(slots_arg), priority, site_args)

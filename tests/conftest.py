@@ -8,7 +8,9 @@ process in teardown, also when the test failed, so nothing is left behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,6 +79,14 @@ class Mount:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads((self.path / ".animfs" / "status").read_text()))
+
+    def wait_for_unpackers(self) -> None:
+        """Until the mount's unpacker processes are ready (they start with it, niced): from
+        then on they open the chunks, the fetch threads only what they cannot."""
+        wait_for(lambda: self.status()["cache"]["memory"]["unpackers"], 30, "unpackers ready")
+
     def stop(self) -> int:
         """Unmount and reap the process; returns its exit status (-9 if it had to be killed)."""
         if os.path.ismount(self.path):
@@ -126,6 +137,17 @@ class Archive:
     def ingest(self, *paths: Path | str, check: bool = True,
                extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
         return self.run("ingest", *extra, *[str(p) for p in paths], check=check)
+
+    def set_config(self, table: str, key: str, value: str) -> None:
+        """Set ``key = value`` in ``[table]`` of the config (replaced or added)."""
+        text = self.config.read_text()
+        head = f"[{table}]\n"
+        start = text.index(head) + len(head)
+        end = text.find("\n[", start)
+        body = text[start:end]
+        line = f"{key} = {value}\n"
+        body, n = re.subn(rf"(?m)^{key} = .*\n", line, body)
+        self.config.write_text(text[:start] + (body if n else line + body) + text[end:])
 
     def append_config(self, text: str) -> None:
         with open(self.config, "a") as f:

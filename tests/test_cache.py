@@ -217,19 +217,6 @@ def unpackers(archive: Archive) -> list[int]:
     return found
 
 
-def wait_for_unpackers(mount_root: Path) -> None:
-    """Until the mount's unpackers are ready (they start with it, niced)."""
-
-    def ready() -> int:
-        status = json.loads((mount_root / ".animfs" / "status").read_text())
-        return int(status["cache"]["memory"]["unpackers"])
-
-    deadline = time.monotonic() + 30
-    while not ready():
-        assert time.monotonic() < deadline, "unpackers not ready after 30 s"
-        time.sleep(0.1)
-
-
 def bytes_read(pid: int) -> int:
     """What a process has read with read() so far (its /proc io counter)."""
     io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
@@ -250,7 +237,7 @@ def test_unpackers_open_cache_hits_and_reads_go_on_when_they_die(
     good = gone.read_bytes()
     assert unpackers(archive) == []
     with archive.mounted() as m:
-        wait_for_unpackers(m.path)
+        m.wait_for_unpackers()
         pids = unpackers(archive)
         assert 1 <= len(pids) <= 4
         before = {pid: bytes_read(pid) for pid in pids}
@@ -263,7 +250,7 @@ def test_unpackers_open_cache_hits_and_reads_go_on_when_they_die(
     stats = cache_stats(archive)
     assert stats["misses"] == 1 and stats["hits"] == len(kept), stats
     with archive.mounted() as m:
-        wait_for_unpackers(m.path)
+        m.wait_for_unpackers()
         pids = unpackers(archive)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -273,6 +260,63 @@ def test_unpackers_open_cache_hits_and_reads_go_on_when_they_die(
     assert sum(f"chunk unpacker {pid} exited" in log for pid in pids) == len(pids), log
     stats = cache_stats(archive)
     assert stats["misses"] == 0 and stats["hits"] >= len(entries)
+
+
+def test_unpackers_fetch_what_the_disk_cache_lacks_from_a_local_site_and_keep_it(
+    archive: Archive, sources: Path
+) -> None:
+    """A chunk not in the disk cache, the first site a local folder: an unpacker reads it
+    there, checks it and writes the cache entry; the mount reads none of it itself, and
+    keeps the books: one miss and one fill per chunk, every read counted for the site."""
+    archive.ingest(sources)
+    stored = {p.name: p.stat().st_size for p in stored_chunks(archive)}
+    with archive.mounted() as m:
+        m.wait_for_unpackers()
+        pids = unpackers(archive)
+        children_before = {pid: bytes_read(pid) for pid in pids}
+        mount_before = bytes_read(m.proc.pid)
+        read_all_checked(m.path, sources)
+        children = sum(bytes_read(pid) - children_before[pid] for pid in pids)
+        mount = bytes_read(m.proc.pid) - mount_before
+        site_a = m.status()["sites"]["site-a"]
+    assert children >= sum(stored.values())
+    assert mount < sum(stored.values()) // 4  # its FUSE requests and the children's replies
+    assert site_a["reads"] == len(stored) and site_a["bytes_read"] == sum(stored.values())
+    entries = {p.name: p.read_bytes() for p in (archive.dir / "cache" / "chunks").rglob("*")
+               if p.is_file()}
+    site = {p.name: p.read_bytes() for p in stored_chunks(archive)}
+    assert entries == site  # every chunk kept, exactly as stored
+    assert list((archive.dir / "cache" / "tmp").iterdir()) == []
+    stats = cache_stats(archive)
+    assert (stats["misses"], stats["fills"], stats["hits"]) == (len(stored), len(stored), 0)
+    assert stats["bytes"] == sum(stored.values())
+
+
+def test_reads_go_on_when_the_unpackers_stop_answering(archive: Archive, sources: Path) -> None:
+    """Unpackers that stop answering (stopped here, as a hung cache disk or site folder
+    would leave them): after the hedge time, the fetch threads read what they hold, what
+    waits for them, and what comes after; byte-identical, and the log says so."""
+    archive.ingest(sources)
+    with archive.mounted() as m:
+        for path in served(m.path):
+            if path.stat().st_size < CHUNK_SIZE:  # the series in the disk cache, not the rest
+                sha256_file(path)
+    with archive.mounted() as m:
+        m.wait_for_unpackers()
+        pids = unpackers(archive)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        done: list[int] = []  # in a thread: if reads hang, the teardown's kill ends them
+        reader = threading.Thread(target=lambda: done.append(read_all_checked(m.path, sources)),
+                                  daemon=True)
+        reader.start()
+        reader.join(120)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        assert done == [len(files_under(sources))], "reads hung behind the stopped unpackers"
+        log = m.log_text()
+    assert any(f"chunk unpacker {pid} silent for 1 s" in log for pid in pids), log
+    assert "Traceback" not in log
 
 
 # Runs as another uid: the files below a folder (only the first LIMIT of folders named

@@ -39,18 +39,6 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def set_config(archive: Archive, table: str, key: str, value: str) -> None:
-    """Set ``key = value`` in ``[table]`` of the archive's config (replaced or added)."""
-    text = archive.config.read_text()
-    head = f"[{table}]\n"
-    start = text.index(head) + len(head)
-    end = text.find("\n[", start)
-    body = text[start:end]
-    line = f"{key} = {value}\n"
-    body, n = re.subn(rf"(?m)^{key} = .*\n", line, body)
-    archive.config.write_text(text[:start] + (body if n else line + body) + text[end:])
-
-
 def read_uncached(path: Path) -> str:
     """sha256 of a file through the mount, after dropping its pages from the page cache."""
     fd = os.open(path, os.O_RDONLY)
@@ -79,15 +67,20 @@ def cache_entries(cache: Path) -> set[str]:
     return {p.name for p in (cache / "chunks").rglob("*") if p.is_file()}
 
 
+@pytest.mark.parametrize("unpackers", [0, 2], ids=["fetch-threads", "unpackers"])
 def test_reads_go_on_uncached_when_the_cache_disk_is_full(
-    archive: Archive, series_dir: Path, small_disk: Path
+    archive: Archive, series_dir: Path, small_disk: Path, unpackers: int
 ) -> None:
+    """Whoever writes the cache entries: the mount's fetch threads, or its unpackers."""
     archive.ingest(series_dir)
     originals = sorted(sha256_file(p) for p in files_under(series_dir))
     cache = small_disk / "cache"
-    set_config(archive, "cache", "dir", f'"{cache}"')
-    set_config(archive, "cache", "memory_bytes", "1")  # every read asks the disk cache
+    archive.set_config("cache", "dir", f'"{cache}"')
+    archive.set_config("cache", "memory_bytes", "1")  # every read asks the disk cache
+    archive.set_config("cache", "unpackers", str(unpackers))
     with archive.mounted() as m:
+        if unpackers:
+            m.wait_for_unpackers()
         served = files_under(m / "patients")
         half = served[: len(served) // 2]
         for path in half:
@@ -114,7 +107,7 @@ def test_reads_go_on_uncached_when_the_cache_disk_is_full(
 def test_ingest_stops_at_a_full_index_disk_and_changes_nothing(
     archive: Archive, series_dir: Path, small_disk: Path
 ) -> None:
-    set_config(archive, "index", "path", f'"{small_disk / "index"}"')
+    archive.set_config("index", "path", f'"{small_disk / "index"}"')
     archive.ingest(series_dir / "mr")
     before = index_snapshot(small_disk / "index")
     filler = fill(small_disk)
@@ -131,11 +124,11 @@ def test_ingest_stops_at_a_full_index_map_and_changes_nothing(
     index = Index(archive.dir / "index")
     used = index.counts()["index_bytes"]
     index.close()
-    set_config(archive, "index", "map_size", str(used + 8192))  # no room for 12 more
+    archive.set_config("index", "map_size", str(used + 8192))  # no room for 12 more
     before = index_snapshot(archive.dir / "index")
     assert_stops_and_changes_nothing(archive, series_dir, archive.dir / "index", before,
                                      "the index map is full; raise [index] map_size")
-    set_config(archive, "index", "map_size", str(64 << 20))
+    archive.set_config("index", "map_size", str(64 << 20))
     finish_and_read(archive, series_dir, archive.dir / "index")
 
 

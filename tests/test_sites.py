@@ -228,8 +228,12 @@ def test_min_sites_2_refuses_ingest_with_a_site_down(
 # -- copies changed or removed behind animfs's back ----------------------------------------
 
 
-def test_tampered_copies_on_file_sites(archive: Archive, series_dir: Path) -> None:
+@pytest.mark.parametrize("unpackers", [0, 2], ids=["fetch-threads", "unpackers"])
+def test_tampered_copies_on_file_sites(archive: Archive, series_dir: Path, unpackers: int) -> None:
+    """Whoever reads the site first, the mount's fetch threads or its unpackers (which
+    hand a bad copy to the fetch threads), a bad copy is journalled and never served."""
     configure(archive)
+    archive.set_config("cache", "unpackers", str(unpackers))
     archive.ingest(series_dir / "ct")
     site_a = LocalStore("site-a", archive.dir / "site-a")
     site_b = LocalStore("site-b", archive.dir / "site-b")
@@ -251,6 +255,8 @@ def test_tampered_copies_on_file_sites(archive: Archive, series_dir: Path) -> No
     site_b.path(manifest).write_bytes(bytes(edited))
 
     with archive.mounted() as m:
+        if unpackers:
+            m.wait_for_unpackers()
         assert shas(files_under(m.path / "patients")) == shas(files_under(series_dir / "ct"))
     # Reads come from site-a first: its bad copies were noticed and journalled.
     assert journal(archive) == {("site-a", x), ("site-a", y), ("site-a", w)}

@@ -221,7 +221,7 @@ class DualStore:
                     value, size = future.result()
                 except (StoreError, NoGoodCopy):
                     continue  # _read_one recorded it
-                self._record_read(site.name, size)
+                self.record_read(site.name, size)
                 for slow in running.values():
                     self._mark_down(slow.name, f"no answer in {self.hedge_seconds:g} s")
                 return value, site.name
@@ -242,7 +242,7 @@ class DualStore:
                 value, size = self._read_one(site, key, check, errors)
             except (StoreError, NoGoodCopy):
                 continue  # _read_one recorded it
-            self._record_read(site.name, size)
+            self.record_read(site.name, size)
             return value, site.name
         raise _no_good_copy(key, errors)
 
@@ -271,7 +271,9 @@ class DualStore:
             errors.append(f"{site.name}: {exc.reason}")
             raise
 
-    def _record_read(self, site: str, size: int) -> None:
+    def record_read(self, site: str, size: int) -> None:
+        """A good copy of ``size`` bytes came from ``site``: read here, or by a process
+        that reads a local site for this one (the mount's unpackers)."""
         with self._lock:
             state = self.state[site]
             state.down_until = 0.0
