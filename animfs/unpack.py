@@ -218,7 +218,8 @@ def serve(config_path: str, memfd: int, slots: int, priority: int | None, sites:
     tmp_dir = str(config.cache_dir / "tmp")
     tmp_names = TempNames("")
     stores = [LocalStore(f"site {n}", Path(folder)) for n, folder in enumerate(sites)]
-    shared = mmap.mmap(memfd, slots * CHUNK_SIZE)
+    shared = memoryview(mmap.mmap(memfd, slots * CHUNK_SIZE))
+    slots_view = [shared[n * CHUNK_SIZE : (n + 1) * CHUNK_SIZE] for n in range(slots)]
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     if priority is not None:
         with contextlib.suppress(PermissionError):
@@ -235,13 +236,12 @@ def serve(config_path: str, memfd: int, slots: int, priority: int | None, sites:
         length = 0
         if stored is not None:
             try:
-                plain = chunks.unseal(chunk_id, stored, size, ring, rehash=False)
+                chunks.unseal_into(chunk_id, stored, size, slots_view[slot], ring, rehash=False)
             except CorruptChunk as exc:
                 status = FETCH_FAILED if flags & FETCH else DAMAGED
                 reason = str(exc).encode()
             else:
-                length = len(plain)
-                shared[slot * CHUNK_SIZE : slot * CHUNK_SIZE + length] = plain
+                length = size
                 if flags & KEEP:
                     tmp = os.path.join(tmp_dir, tmp_names.next())
                     try:

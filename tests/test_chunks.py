@@ -35,6 +35,14 @@ def test_unshuffle_inverts_shuffle_for_any_length(data: bytes, width: int) -> No
     assert chunks.unshuffled(regrouped, width) == data
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000), st.sampled_from(chunks.SHUFFLE_WIDTHS))
+def test_unshuffle_into_a_buffer_writes_the_same_bytes_and_no_more(data: bytes, width: int) -> None:
+    out = bytearray(b"\xee" * (len(data) + 16))
+    chunks.unshuffle_into(chunks.shuffled(data, width), width, memoryview(out))
+    assert out == data + b"\xee" * 16
+
+
 def test_shuffle_regroups_bytes_by_their_place_in_a_sample() -> None:
     assert chunks.shuffled(b"aAbBcCd", 2) == b"abcABCd"  # the odd byte out stays last
     assert chunks.shuffled(b"0123456789", 4) == b"04152637" + b"89"
@@ -54,7 +62,16 @@ def test_a_shuffled_chunk_reads_back_checked_and_keeps_its_id(width: int, sealed
     assert chunks.content_size(frame) == len(plain)
     for rehash in (True, False):
         assert chunks.unseal(id_, stored, len(plain), ring, rehash=rehash) == plain
+        for copy in (stored, stored_plain):  # into a buffer, as the mount's unpackers read
+            out = bytearray(len(plain) + 8)
+            chunks.unseal_into(id_, copy, len(plain), memoryview(out), ring, rehash=rehash)
+            assert out == plain + bytes(8)
     assert chunks.unseal(id_plain, stored_plain, len(plain), ring) == plain  # older chunks too
+    damaged = bytearray(stored)
+    damaged[len(damaged) // 2] ^= 1
+    for copy in (bytes(damaged), stored[:-1]):
+        with pytest.raises(CorruptChunk):
+            chunks.unseal_into(id_, copy, len(plain), memoryview(bytearray(len(plain))), ring)
 
 
 def test_a_shuffled_chunk_under_a_wrong_name_is_refused() -> None:
