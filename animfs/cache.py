@@ -382,7 +382,10 @@ class ChunkCache:
                 flight = self._unpacking.pop(key)
                 self._unreserve(flight)
                 flight.asking = ""
-                self._to_unpack.appendleft(flight)
+                if flight.done.is_set():  # a hedge of it landed first: its read ends here
+                    flight.reads -= 1
+                else:
+                    self._to_unpack.appendleft(flight)
             self._send_unpacks()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(unpacker.close)
