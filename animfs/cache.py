@@ -339,7 +339,7 @@ class ChunkCache:
             try:
                 slot = unpacker.send(ref, promote=not flight.bypass, site=site, keep=flight.keeping)
             except OSError:  # it died: its replies task reports it
-                self._unreserve(flight)
+                self._release(flight)
                 self._to_unpack.appendleft(flight)
                 self._unpackers.remove(unpacker)
                 continue
@@ -380,7 +380,7 @@ class ChunkCache:
             self._stuck.discard(unpacker)
             for key in [k for k in self._unpacking if k[0] is unpacker]:
                 flight = self._unpacking.pop(key)
-                self._unreserve(flight)
+                self._release(flight)
                 flight.asking = ""
                 if flight.done.is_set():  # a hedge of it landed first: its read ends here
                     flight.reads -= 1
@@ -397,9 +397,7 @@ class ChunkCache:
         slow read has landed the chunk meanwhile)."""
         assert self.disk is not None
         flight.asking = ""
-        if flight.keeping:
-            flight.keeping = False
-            self.disk.release(flight.ref.id, written=status == unpack.OK)
+        self._release(flight, written=status == unpack.OK)
         if status == unpack.NOT_KEPT:
             self.disk.write_failed(reason)
         if plain is not None:
@@ -410,11 +408,12 @@ class ChunkCache:
         else:
             self._jobs.put(flight)
 
-    def _unreserve(self, flight: _Flight) -> None:
-        """Free the disk-cache room held for an unpacker that will not keep the chunk."""
+    def _release(self, flight: _Flight, *, written: bool = False) -> None:
+        """End the disk-cache reservation held for an unpacker to keep the chunk, if any:
+        the entry is there (``written``), or its room is free again."""
         if flight.keeping and self.disk is not None:
             flight.keeping = False
-            self.disk.release(flight.ref.id, written=False)
+            self.disk.release(flight.ref.id, written=written)
 
     def _fetcher(self) -> None:
         """A fetch thread: fetch what is queued, and hand each result to the trio thread."""

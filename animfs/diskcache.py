@@ -175,15 +175,9 @@ class DiskCache:
     # -- writes ----------------------------------------------------------------------------
 
     def put(self, chunk_id: str, stored: bytes) -> bool:
-        """Keep a stored chunk (already checked by the caller); False if it was not kept."""
-        size = len(stored)
-        with self._lock:
-            if chunk_id in self._entries or chunk_id in self._writing:
-                self._note(chunk_id)
-                if chunk_id in self._entries:
-                    self._entries.move_to_end(chunk_id)
-                return True
-        if not self.reserve(chunk_id, size):
+        """Keep a stored chunk (already checked by the caller); whether it was written now
+        (not if it is kept already, or being written, or there is no room)."""
+        if not self.reserve(chunk_id, len(stored)):
             return False
         tmp = os.path.join(self._tmp, self._tmp_names.next())
         try:
@@ -201,12 +195,16 @@ class DiskCache:
 
     def reserve(self, chunk_id: str, size: int) -> bool:
         """Room for an entry of ``size`` bytes about to be written, made by evicting; False
-        when it is not to be written: already there or being written, or no room."""
+        when it is not to be written: already there (it is then the most recently used)
+        or being written, or no room."""
         if size > self.max_bytes:
             return False
         with self._lock:
             self._note(chunk_id)
-            if chunk_id in self._entries or chunk_id in self._writing:
+            if chunk_id in self._entries:
+                self._entries.move_to_end(chunk_id)
+                return False
+            if chunk_id in self._writing:
                 return False
             self._bytes += size
             victims = self._evict()

@@ -70,7 +70,7 @@ from animfs import config as config_mod
 from animfs import keys as keys_mod
 from animfs.chunks import CHUNK_SIZE, ChunkRef, CorruptChunk
 from animfs.diskcache import entry_path, read_entry, write_entry
-from animfs.store.local import LocalStore, TempNames, read_all
+from animfs.store.local import LocalStore, TempNames
 
 REQUEST = struct.Struct("<IIIBB32s")  # slot, plain size, stored size, flags, site, raw id
 REPLY = struct.Struct("<IBII")  # slot, status, length of the plain bytes, of the reason
@@ -247,22 +247,20 @@ def serve(config_path: str, memfd: int, slots: int, priority: int | None, sites:
                     try:
                         write_entry(entry_path(chunks_dir, chunk_id), tmp, stored)
                     except OSError as exc:
-                        status, reason = NOT_KEPT, str(exc.strerror or exc).encode()
+                        status, reason = NOT_KEPT, _reason(exc)
         replies.write(reply(slot, status, length, reason))
         replies.flush()
 
 
 def _read_site(site: LocalStore, chunk_id: str, size: int) -> tuple[bytes | None, int, bytes]:
     """(stored bytes, OK, b"") of a chunk's copy at a local site, or (None, FETCH_FAILED,
-    reason): the mount's fetch threads then read the sites again, with the bookkeeping."""
+    reason): the mount's fetch threads then read the sites again, with the bookkeeping.
+    Read as a disk-cache entry is (one read of the size expected), never promoted."""
     try:
-        fd = os.open(str(site.path(chunks.chunk_key(chunk_id))), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return read_all(fd, size), OK, b""
-        finally:
-            os.close(fd)
+        path = str(site.path(chunks.chunk_key(chunk_id)))
+        return read_entry(path, size, promote=False), OK, b""
     except OSError as exc:
-        return None, FETCH_FAILED, str(exc.strerror or exc).encode()
+        return None, FETCH_FAILED, _reason(exc)
 
 
 def _read_entry(
@@ -274,8 +272,13 @@ def _read_entry(
     except FileNotFoundError:
         return None, MISSING, b""
     except OSError as exc:
-        return None, UNREADABLE, str(exc.strerror or exc).encode()
+        return None, UNREADABLE, _reason(exc)
     return stored, OK, b""
+
+
+def _reason(exc: OSError) -> bytes:
+    """A failed system call, as a reply's reason."""
+    return str(exc.strerror or exc).encode()
 
 
 if __name__ == "__main__":
