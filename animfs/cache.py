@@ -49,7 +49,7 @@ from pathlib import Path
 
 import trio
 
-from animfs import chunks, unpack
+from animfs import chunks, heap, unpack
 from animfs.chunks import ChunkRef, CorruptChunk
 from animfs.diskcache import DiskCache, save_stats
 from animfs.keys import KeyRing
@@ -66,6 +66,7 @@ READ_AHEAD = 8  # chunks fetched ahead of a sequential reader (32 MiB)
 STREAM_BYTES = 64 << 20  # backup read-ahead waiting to be read (not in the memory LRU)
 HOUSEKEEPING_SECONDS = 5.0  # how often the disk cache's stats are saved and the folder watched
 HEDGE_TICK = 0.1  # how often fetches are looked at for a site silent too long (seconds)
+FAULT_STEP = 4 << 20  # the memory LRU's pages are faulted in this much at a time
 
 
 class ChunkUnavailable(Exception):
@@ -213,6 +214,7 @@ class ChunkCache:
             thread.start()
         nursery.start_soon(self._stop_fetchers_at_exit)
         nursery.start_soon(self._hedge_slow_sites)
+        nursery.start_soon(self._fault_in_memory)
         if disk is not None:
             nursery.start_soon(self._keep_disk, disk)
         local = [site for site in store.sites if isinstance(site, LocalStore)]
@@ -226,6 +228,17 @@ class ChunkCache:
                     break
                 self._unpackers.append(unpacker)
                 nursery.start_soon(self._take_replies, unpacker)
+
+    async def _fault_in_memory(self) -> None:
+        """Fault in the memory LRU's pages now, while the mount is idle, not in the copy
+        of each chunk the LRU takes while it first fills (:mod:`animfs.heap`).  On the
+        trio thread, whose heap the chunks are copied into, a block at a time."""
+        if not heap.keep_at_least(self.memory_bytes):
+            return
+        blocks = []
+        for _ in range(self.memory_bytes // FAULT_STEP):
+            blocks.append(heap.faulted(FAULT_STEP))
+            await trio.sleep(0)
 
     def stats_dict(self) -> dict[str, object]:
         """Memory LRU and disk cache figures, for ``/.animfs/status``."""
