@@ -118,12 +118,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 
 from animfs import listing, record
 from animfs.access import IN_ORDER, BreakGlass, Consent, PatientState
+from animfs.chunks import ChunkRef
 from animfs.dicom import safe_name, unique_name
 from animfs.manifest import Manifest, Placement, instance_key
 from animfs.store.dual import Missed
@@ -185,6 +186,7 @@ UPGRADABLE_FORMATS = (b"1", b"2", b"3")
 LISTING_CACHE_FILES = 16384
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 class IndexError_(Exception):
@@ -677,12 +679,22 @@ class Index:
         unlike :meth:`manifest`, it reads nothing from ``instances`` nor ``nodes``,
         where a file's entry is on a page of its own among millions (every page a
         read touches is mapped into the process, with its neighbours)."""
+        return self._file_record(file, self._decode_in)
+
+    def file_chunks(self, file: Node) -> tuple[ChunkRef, ...] | None:
+        """The chunks of the instance file ``file`` (None if it is not one), found as
+        :meth:`file_manifest` finds its manifest, and read without the rest of it."""
+        return self._file_record(file, lambda _txn, data: record.chunk_refs(data))
+
+    def _file_record(
+        self, file: Node, decode: Callable[[lmdb.Transaction, bytes], R]
+    ) -> R | None:
         if not file.sop_uid:
             return None
         with self.env.begin(buffers=True) as txn:
             files = self._files_in(txn, file.parent)
             entry = None if files is None else files.by_ino(file.ino)
-            return None if entry is None else self._decode_in(txn, entry.record)
+            return None if entry is None else decode(txn, entry.record)
 
     def first_manifest(self, folder: int) -> Manifest | None:
         """The manifest of the first instance below ``folder`` (first by name at each

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import gen_index
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -76,6 +77,22 @@ def test_peek_reads_what_decode_reads(m: Manifest) -> None:
         p.file_ino, p.series_ino, m.ingested_ns, m.size, p.file_name, m.instance.sop_uid
     )
     assert record.peek(m.to_bytes())[4] == p.file_name
+
+
+@settings(max_examples=300, deadline=None)
+@given(manifests())
+def test_chunk_refs_reads_what_decode_reads(m: Manifest) -> None:
+    data = record.encode_instance(m)  # compact, or JSON where it does not fit
+    assert record.chunk_refs(data) == m.chunks
+    assert record.chunk_refs(m.to_bytes()) == m.chunks
+    if data[:1] == b"{":
+        return
+    cuts = [data[: record._HEAD.size], data[:1]]  # a record cut short is refused
+    if m.chunks and not data[1] & (record.NAMED | record.OVERRIDES):
+        cuts.append(data[:-1])  # ... in its last chunk (nothing follows the chunks)
+    for cut in cuts:
+        with pytest.raises(ValueError):
+            record.chunk_refs(cut)
 
 
 def test_typical_record_is_small() -> None:
