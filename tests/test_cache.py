@@ -29,7 +29,7 @@ from animfs.cache import _CheckSlots, _Flight
 from animfs.chunks import CHUNK_SIZE, ChunkRef
 from animfs.fs import _sequential
 
-from conftest import Archive, files_under, gen_dicom, sha256_file
+from conftest import Archive, files_under, gen_dicom, sha256_file, wait_for
 
 CLINICIAN = 1001  # dr.muller at CHL, from test_access_mount.USERS
 REF = ChunkRef("0" * 64, 1, 1)  # what a flight fetches, for the tests of _CheckSlots alone
@@ -260,6 +260,31 @@ def test_unpackers_open_cache_hits_and_reads_go_on_when_they_die(
     assert sum(f"chunk unpacker {pid} exited" in log for pid in pids) == len(pids), log
     stats = cache_stats(archive)
     assert stats["misses"] == 0 and stats["hits"] >= len(entries)
+
+
+def anonymous_rss(pid: int) -> int:
+    """Bytes of a process's resident anonymous memory (its heap among them)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no RssAnon for {pid}")
+
+
+def test_the_memory_lru_is_faulted_in_after_mounting(archive: Archive, sources: Path) -> None:
+    """Right after mounting, the mount faults in its memory LRU's pages while idle (so that
+    its first reads do not), and keeps them; the reads are unchanged."""
+    archive.ingest(sources)
+    lru = 96 << 20
+    archive.set_config("cache", "memory_bytes", "1")
+    with archive.mounted() as m:
+        m.wait_for_unpackers()
+        time.sleep(1)
+        without = anonymous_rss(m.proc.pid)
+    archive.set_config("cache", "memory_bytes", str(lru))
+    with archive.mounted() as m:
+        wait_for(lambda: anonymous_rss(m.proc.pid) >= without + lru * 0.95, 20, "LRU pages")
+        read_all_checked(m.path, sources)
+        assert anonymous_rss(m.proc.pid) >= without + lru * 0.95  # kept, not handed back
 
 
 def test_unpackers_fetch_what_the_disk_cache_lacks_from_a_local_site_and_keep_it(
