@@ -232,11 +232,13 @@ class ChunkCache:
     async def _fault_in_memory(self) -> None:
         """Fault in the memory LRU's pages now, while the mount is idle, not in the copy
         of each chunk the LRU takes while it first fills (:mod:`animfs.heap`).  On the
-        trio thread, whose heap the chunks are copied into, a block at a time."""
-        if not heap.keep_at_least(self.memory_bytes):
+        trio thread, whose heap the chunks are copied into, a block at a time; at most
+        half the memory available (:func:`heap.to_fault_in`)."""
+        nbytes = heap.to_fault_in(self.memory_bytes)
+        if not heap.keep_at_least(nbytes):
             return
         blocks = []
-        for _ in range(self.memory_bytes // FAULT_STEP):
+        for _ in range(nbytes // FAULT_STEP):
             blocks.append(heap.faulted(FAULT_STEP))
             await trio.sleep(0)
 

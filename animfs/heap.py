@@ -63,6 +63,26 @@ def faulted(nbytes: int) -> bytearray:
     return block
 
 
+def to_fault_in(nbytes: int) -> int:
+    """How much of ``nbytes`` to fault in now: at most half the memory available (an LRU
+    configured larger than the machine can hold must not make mounting take it all)."""
+    available = available_bytes()
+    return nbytes if available is None else min(nbytes, available // 2)
+
+
+def available_bytes() -> int | None:
+    """The memory the kernel reckons it can give without swapping (MemAvailable), or
+    None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _mallopt(*settings: tuple[int, int]) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -47,3 +47,11 @@ def test_keep_at_least_caps_what_mallopt_takes() -> None:
         pytest.skip("no glibc mallopt here")
     assert heap.keep_at_least(1 << 40)  # an int for mallopt, not an overflow
     assert heap.keep_at_least(0)
+
+
+def test_at_most_half_the_available_memory_is_faulted_in() -> None:
+    available = heap.available_bytes()
+    total = int(open("/proc/meminfo").readline().split()[1]) * 1024  # MemTotal
+    assert available is not None and 0 < available <= total
+    assert heap.to_fault_in(1 << 20) == 1 << 20
+    assert heap.to_fault_in(total * 4) <= available // 2 + (64 << 20)  # it moves a little
