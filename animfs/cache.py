@@ -35,6 +35,7 @@ ahead fetches for them waits in a small stream buffer of its own until read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -67,6 +68,7 @@ STREAM_BYTES = 64 << 20  # backup read-ahead waiting to be read (not in the memo
 HOUSEKEEPING_SECONDS = 5.0  # how often the disk cache's stats are saved and the folder watched
 HEDGE_TICK = 0.1  # how often fetches are looked at for a site silent too long (seconds)
 FAULT_STEP = 4 << 20  # the memory LRU's pages are faulted in this much at a time
+LOWEST_PRIORITY = 19  # the niceness of the thread that does it
 
 
 class ChunkUnavailable(Exception):
@@ -214,7 +216,7 @@ class ChunkCache:
             thread.start()
         nursery.start_soon(self._stop_fetchers_at_exit)
         nursery.start_soon(self._hedge_slow_sites)
-        nursery.start_soon(self._fault_in_memory)
+        self._fault_in_memory()
         if disk is not None:
             nursery.start_soon(self._keep_disk, disk)
         local = [site for site in store.sites if isinstance(site, LocalStore)]
@@ -229,18 +231,27 @@ class ChunkCache:
                 self._unpackers.append(unpacker)
                 nursery.start_soon(self._take_replies, unpacker)
 
-    async def _fault_in_memory(self) -> None:
-        """Fault in the memory LRU's pages now, while the mount is idle, not in the copy
-        of each chunk the LRU takes while it first fills (:mod:`animfs.heap`).  On the
-        trio thread, whose heap the chunks are copied into, a block at a time; at most
-        half the memory available (:func:`heap.to_fault_in`)."""
+    def _fault_in_memory(self) -> None:
+        """Fault in the memory LRU's pages now, not in the copy of each chunk the LRU
+        takes while it first fills (:mod:`animfs.heap`): blocks of the trio thread's heap,
+        where the chunks are copied, written to by a thread of its own at the lowest
+        priority, so that requests right after mounting neither wait for it nor lose a
+        core to it; at most half the memory available (:func:`heap.to_fault_in`)."""
         nbytes = heap.to_fault_in(self.memory_bytes)
         if not heap.keep_at_least(nbytes):
             return
-        blocks = []
-        for _ in range(nbytes // FAULT_STEP):
-            blocks.append(heap.faulted(FAULT_STEP))
-            await trio.sleep(0)
+        blocks = heap.Blocks(nbytes // FAULT_STEP, FAULT_STEP)  # (on the trio thread)
+        threading.Thread(
+            target=self._fault_in, args=(blocks,), name="animfs-fault-in", daemon=True
+        ).start()
+
+    def _fault_in(self, blocks: heap.Blocks) -> None:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)
+        try:
+            blocks.fault_in(stop=lambda: self._stopping)
+        finally:
+            blocks.free()
 
     def stats_dict(self) -> dict[str, object]:
         """Memory LRU and disk cache figures, for ``/.animfs/status``."""

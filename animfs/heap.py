@@ -9,13 +9,14 @@ against 870 with the buffers reused) and makes the un-shuffle of a shuffled
 chunk three times slower.  Raising the mapping and trim thresholds above a
 chunk's size keeps freed buffers in the heap, where the next chunk reuses them.
 
-The mount also faults in the pages of its memory LRU while it is idle after
-mounting (:func:`faulted`, :func:`keep_at_least`): filled for the first time,
-the LRU would otherwise take every chunk's pages fresh from the kernel on the
-trio thread, which answers every request.  Measured on a warm read of 524 MB of
-cached chunks through a fresh mount, the page faults of those copies were a
-sixth of that thread's time.  A mount that has run a while reuses the pages of
-the chunks its LRU dropped, and this makes a new one start the same way.
+The mount also faults in the pages of its memory LRU after mounting, in a
+thread of its own at the lowest priority (:class:`Blocks`,
+:func:`keep_at_least`): filled for the first time, the LRU would otherwise take
+every chunk's pages fresh from the kernel on the trio thread, which answers
+every request.  Measured on a warm read of 524 MB of cached chunks through a
+fresh mount, the page faults of those copies were a sixth of that thread's
+time.  A mount that has run a while reuses the pages of the chunks its LRU
+dropped, and this makes a new one start the same way.
 
 The price is that the process holds on to its peak heap instead of returning
 it, in each of glibc's arenas: it makes one per thread that finds the others
@@ -30,12 +31,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import mmap
 import os
+from collections.abc import Callable
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # from glibc's <malloc.h>
 THRESHOLD = 64 << 20  # the most glibc takes for M_MMAP_THRESHOLD on 64-bit, and 16 chunks
-PAGE = mmap.PAGESIZE
 INT_MAX = (1 << 31) - 1  # mallopt takes an int
 
 
@@ -50,17 +50,51 @@ def keep_freed_buffers() -> bool:
 
 def keep_at_least(nbytes: int) -> bool:
     """Keep up to ``nbytes`` more of freed heap than :func:`keep_freed_buffers` does
-    (the pages :func:`faulted` blocks leave behind when freed); False without glibc."""
+    (the pages :class:`Blocks` leave behind when freed); False without glibc."""
     return _mallopt((M_TRIM_THRESHOLD, min(THRESHOLD + nbytes, INT_MAX)))
 
 
-def faulted(nbytes: int) -> bytearray:
-    """A block of ``nbytes`` (under :data:`THRESHOLD`: not a mapping of its own) from
-    the calling thread's heap with every page written to, so mapped: freed, its pages
-    serve that heap's next allocations without a fault."""
-    block = bytearray(nbytes)
-    block[::PAGE] = bytes(len(range(0, nbytes, PAGE)))
-    return block
+class Blocks:
+    """Blocks of the calling thread's heap, to be faulted in by another thread.
+
+    Made on the thread whose heap they belong to (glibc gives each thread an arena;
+    the trio thread's is where the mount's chunks are copied), they are written to
+    by :meth:`fault_in`, which another thread can run at a low priority, so that the
+    page faults cost the thread that made them nothing, and freed by that thread (a
+    block goes back to the arena it came from).  Freed, under a trim threshold
+    raised by :func:`keep_at_least`, their pages stay mapped and serve that heap's
+    next allocations without a fault."""
+
+    def __init__(self, count: int, size: int) -> None:
+        """``count`` blocks of ``size`` bytes each (under :data:`THRESHOLD`: not a
+        mapping of its own), none written to yet; empty where there is no glibc."""
+        self.size = size
+        self._libc = _libc()
+        self._addresses: list[int] = []
+        if self._libc is not None:
+            malloc = self._libc.malloc
+            malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+            self._addresses = [a for a in (malloc(size) for _ in range(count)) if a]
+
+    def __len__(self) -> int:
+        return len(self._addresses)
+
+    def fault_in(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Write to every page of every block (ctypes lets go of the GIL meanwhile),
+        until ``stop()`` says so."""
+        for address in self._addresses:
+            if stop():
+                return
+            ctypes.memset(address, 0, self.size)
+
+    def free(self) -> None:
+        """Give the blocks back to the heap they came from (from any thread)."""
+        if self._libc is not None:
+            free = self._libc.free
+            free.restype, free.argtypes = None, [ctypes.c_void_p]
+            for address in self._addresses:
+                free(address)
+        self._addresses = []
 
 
 def to_fault_in(nbytes: int) -> int:
@@ -83,11 +117,17 @@ def available_bytes() -> int | None:
     return None
 
 
-def _mallopt(*settings: tuple[int, int]) -> bool:
+def _libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return all(mallopt(option, value) for option, value in settings)

@@ -9,20 +9,26 @@ import pytest
 
 from animfs import heap
 
-# Prints the resident set (bytes) at each step: before, with faulted blocks, after
-# freeing them, and after a new block of half their size is allocated and written to.
+# Prints the resident set (bytes) at each step: before, with blocks of the main thread's
+# heap faulted in by another thread, after that thread freed them, and after a new block
+# of half their size is allocated (on the main thread) and written to.
 PROBE = """
-import mmap, sys
+import mmap, threading
 from animfs import heap
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * mmap.PAGESIZE
 n = 96 << 20
 assert heap.keep_freed_buffers() and heap.keep_at_least(n)
 before = rss()
-blocks = [heap.faulted(4 << 20) for _ in range(n // (4 << 20))]  # as the mount does
-assert all(len(b) == 4 << 20 and not any(b[:: 1 << 20]) for b in blocks)
+blocks = heap.Blocks(n // (4 << 20), 4 << 20)  # as the mount does
+assert len(blocks) == n // (4 << 20) and rss() - before < n // 10  # not written to yet
+thread = threading.Thread(target=blocks.fault_in)
+thread.start()
+thread.join()
 held = rss()
-del blocks
+thread = threading.Thread(target=blocks.free)
+thread.start()
+thread.join()
 freed = rss()
 again = bytearray(n // 2)
 again[:: mmap.PAGESIZE] = b"x" * (n // 2 // mmap.PAGESIZE)
