@@ -248,10 +248,7 @@ class ChunkCache:
     def _fault_in(self, blocks: heap.Blocks) -> None:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)
-        try:
-            blocks.fault_in(stop=lambda: self._stopping)
-        finally:
-            blocks.free()
+        blocks.fault_in(stop=lambda: self._stopping)
 
     def stats_dict(self) -> dict[str, object]:
         """Memory LRU and disk cache figures, for ``/.animfs/status``."""

@@ -58,12 +58,15 @@ class Blocks:
     """Blocks of the calling thread's heap, to be faulted in by another thread.
 
     Made on the thread whose heap they belong to (glibc gives each thread an arena;
-    the trio thread's is where the mount's chunks are copied), they are written to
-    by :meth:`fault_in`, which another thread can run at a low priority, so that the
-    page faults cost the thread that made them nothing, and freed by that thread (a
-    block goes back to the arena it came from).  Freed, under a trim threshold
-    raised by :func:`keep_at_least`, their pages stay mapped and serve that heap's
-    next allocations without a fault."""
+    the trio thread's is where the mount's chunks are copied), all at once, so that
+    none takes the place of another; then :meth:`fault_in` writes to each in turn
+    and frees it (a block goes back to the arena it came from), from another thread
+    that can run at a low priority: the page faults cost the thread that made them
+    nothing.  Freed, under a trim threshold raised by :func:`keep_at_least`, a
+    block's pages stay mapped, and the heap's next allocations take them (best fit)
+    without a fault, also while the blocks after it are still being written to: a
+    read started right after mounting fills the LRU from them, not from fresh heap
+    on top of them."""
 
     def __init__(self, count: int, size: int) -> None:
         """``count`` blocks of ``size`` bytes each (under :data:`THRESHOLD`: not a
@@ -80,21 +83,20 @@ class Blocks:
         return len(self._addresses)
 
     def fault_in(self, stop: Callable[[], bool] = lambda: False) -> None:
-        """Write to every page of every block (ctypes lets go of the GIL meanwhile),
-        until ``stop()`` says so."""
-        for address in self._addresses:
-            if stop():
-                return
-            ctypes.memset(address, 0, self.size)
+        """Write to every page of each block (ctypes lets go of the GIL meanwhile) and
+        free it; once ``stop()`` says so, free the rest as they are."""
+        assert self._libc is not None or not self._addresses
+        while self._addresses:
+            address = self._addresses.pop(0)
+            if not stop():
+                ctypes.memset(address, 0, self.size)
+            self._free(address)
 
-    def free(self) -> None:
-        """Give the blocks back to the heap they came from (from any thread)."""
-        if self._libc is not None:
-            free = self._libc.free
-            free.restype, free.argtypes = None, [ctypes.c_void_p]
-            for address in self._addresses:
-                free(address)
-        self._addresses = []
+    def _free(self, address: int) -> None:
+        assert self._libc is not None
+        free = self._libc.free
+        free.restype, free.argtypes = None, [ctypes.c_void_p]
+        free(address)
 
 
 def to_fault_in(nbytes: int) -> int:

@@ -10,8 +10,9 @@ import pytest
 from animfs import heap
 
 # Prints the resident set (bytes) at each step: before, with blocks of the main thread's
-# heap faulted in by another thread, after that thread freed them, and after a new block
-# of half their size is allocated (on the main thread) and written to.
+# heap faulted in and freed in turn by another thread (the most seen meanwhile), once it
+# is done, and after a new block of half their size is allocated (on the main thread)
+# and written to.
 PROBE = """
 import mmap, threading
 from animfs import heap
@@ -22,14 +23,13 @@ assert heap.keep_freed_buffers() and heap.keep_at_least(n)
 before = rss()
 blocks = heap.Blocks(n // (4 << 20), 4 << 20)  # as the mount does
 assert len(blocks) == n // (4 << 20) and rss() - before < n // 10  # not written to yet
-thread = threading.Thread(target=blocks.fault_in)
+held = []  # the resident set as each block is written to and freed
+thread = threading.Thread(target=blocks.fault_in, args=(lambda: held.append(rss()),))
 thread.start()
 thread.join()
-held = rss()
-thread = threading.Thread(target=blocks.free)
-thread.start()
-thread.join()
+held = max(held)
 freed = rss()
+assert not len(blocks)
 again = bytearray(n // 2)
 again[:: mmap.PAGESIZE] = b"x" * (n // 2 // mmap.PAGESIZE)
 print(before, held, freed, rss())
