@@ -300,22 +300,13 @@ class ChunkCache:
         return flight.data
 
     def prefetch(self, refs: Sequence[ChunkRef], *, bypass: bool = False) -> None:
-        """Start fetching chunks that are neither cached nor on their way; returns at once.
-        What goes to the unpackers goes in one write to each."""
-        started = False
+        """Start fetching chunks that are neither cached nor on their way; returns at once."""
         for ref in refs:
             if ref.id not in self._lru and ref.id not in self._flights:
                 if not (bypass and ref.id in self._stream):
-                    self._start(ref, bypass, send=False)
-                    started = True
-        if started:
-            self._send_unpacks()
+                    self._start(ref, bypass)
 
-    def _start(
-        self, ref: ChunkRef, bypass: bool = False, *, wanted: bool = False, send: bool = True
-    ) -> _Flight:
-        """A flight for a chunk, queued for an unpacker or a fetch thread; ``send=False``:
-        the caller sends what waits for the unpackers (:meth:`_send_unpacks`)."""
+    def _start(self, ref: ChunkRef, bypass: bool = False, *, wanted: bool = False) -> _Flight:
         flight = self._flights[ref.id] = _Flight(ref, bypass, wanted=wanted)
         disk = self.disk
         if disk is not None and self._unpackers_ready():
@@ -330,8 +321,7 @@ class ChunkCache:
                 self._to_unpack.appendleft(flight)
             else:
                 self._to_unpack.append(flight)
-            if send:
-                self._send_unpacks()
+            self._send_unpacks()
         else:
             self._jobs.put(flight)
         return flight
@@ -356,31 +346,28 @@ class ChunkCache:
             self._to_unpack.appendleft(flight)
 
     def _send_unpacks(self) -> None:
-        """Hand waiting chunks to the unpackers that have a slot free: one write to each.
-        One that cannot be written to has exited: its replies task hands its chunks on."""
-        while True:
-            sent: set[Unpacker] = set()
-            while self._to_unpack and self._unpackers:
-                unpacker = max(self._unpackers, key=lambda u: u.idle if self._takes(u) else -1)
-                if not (self._takes(unpacker) and unpacker.idle):
-                    break
-                flight = self._to_unpack.popleft()
-                ref, site = flight.ref, self._local_sites.get(flight.site)
-                flight.keeping = (
-                    site is not None
-                    and not flight.bypass
-                    and self.disk is not None
-                    and self.disk.reserve(ref.id, ref.stored)
-                )
+        """Hand waiting chunks to the unpackers that have a slot free."""
+        while self._to_unpack and self._unpackers:
+            unpacker = max(self._unpackers, key=lambda u: u.idle if self._takes(u) else -1)
+            if not (self._takes(unpacker) and unpacker.idle):
+                return
+            flight = self._to_unpack.popleft()
+            ref, site = flight.ref, self._local_sites.get(flight.site)
+            flight.keeping = (
+                site is not None
+                and not flight.bypass
+                and self.disk is not None
+                and self.disk.reserve(ref.id, ref.stored)
+            )
+            try:
                 slot = unpacker.send(ref, promote=not flight.bypass, site=site, keep=flight.keeping)
-                self._unpacking[unpacker, slot] = flight
-                flight.since, flight.asking = time.monotonic(), flight.site  # (_hedge_slow_sites)
-                sent.add(unpacker)
-            dead = [u for u in sent if not u.flush()]
-            for unpacker in dead:
+            except OSError:  # it died: its replies task reports it
+                self._release(flight)
+                self._to_unpack.appendleft(flight)
                 self._unpackers.remove(unpacker)
-            if not dead:
-                break
+                continue
+            self._unpacking[unpacker, slot] = flight
+            flight.since, flight.asking = time.monotonic(), flight.site  # (_hedge_slow_sites)
         while self._to_unpack and not self._unpackers:  # none left: the fetch threads
             self._jobs.put(self._to_unpack.popleft())
 

@@ -463,11 +463,11 @@ class Operations(pyfuse3.Operations):
         cost a site round trip per file.
 
         A reader going through a folder opens the files listed ahead of it one by
-        one, so the window of names listed ahead is kept per folder, and is filled
-        again once the reader has gone through half of it: each entry listed is a
-        record decoded on the trio thread, which serves every request, and a few
-        files' chunks asked for at once reach an unpacker in one write, rather than
-        one write (and wakeup) per file.  Opening the same file again lists nothing."""
+        one, so the window of names listed ahead is kept per folder, and an open
+        lists only the entries that have come into reach since the last one (one
+        per open, rather than ``series_ahead``: each entry listed is a record decoded
+        on the trio thread, which serves every request).  Opening the same file again
+        lists nothing."""
         key = (node.parent, bypass)
         last, ahead = self._ahead.pop(key, (b"", []))
         if node.name in ahead:  # the reader moved on within the window
@@ -475,17 +475,15 @@ class Operations(pyfuse3.Operations):
         elif node.name != last:  # the first open in this folder, or a jump: start here
             ahead = []
         # else opened again (a toolkit reads the header, then the pixels): same window
-        if len(ahead) <= self.series_ahead // 2:
+        if len(ahead) < self.series_ahead:
             after = ahead[-1] if ahead else node.name
-            refs: list[ChunkRef] = []
             for sibling in self.index.entries(node.parent, after, self.series_ahead - len(ahead)):
                 ahead.append(sibling.name)
                 if sibling.kind != FILE or not _remember(self._prefetched, (sibling.ino, bypass)):
                     continue
                 known = self._keep(sibling)
                 if known is not None:
-                    refs += known[0][:SERIES_CHUNKS]
-            self.cache.prefetch(refs, bypass=bypass)
+                    self.cache.prefetch(known[0][:SERIES_CHUNKS], bypass=bypass)
         _keep_last(self._ahead, key, (node.name, ahead), FOLDERS_AHEAD)
 
     async def _authorize(

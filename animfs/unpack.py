@@ -134,7 +134,6 @@ class Unpacker:
         self._replies = self._proc.stdout.fileno()
         os.set_blocking(self._replies, False)
         self._free = list(range(slots))
-        self._outbox = bytearray()  # requests not yet written (see flush)
         self.pid = self._proc.pid
         self.ready = False  # set when the child says so: until then, nothing is sent
 
@@ -147,27 +146,20 @@ class Unpacker:
         self, ref: ChunkRef, *, promote: bool, site: int | None = None, keep: bool = False
     ) -> int:
         """Ask for a chunk from the disk cache, or from local site number ``site`` (and then
-        written to the disk cache if ``keep``); returns its slot.  The request goes to the
-        child at the next :meth:`flush`."""
+        written to the disk cache if ``keep``); returns its slot.  Raises OSError if the
+        child is gone.  Never blocks: at most ``slots`` small records wait in the pipe."""
         slot = self._free.pop()
         flags = PROMOTE if promote else 0
         if site is not None:
             flags |= FETCH | (KEEP if keep else 0)
-        self._outbox += REQUEST.pack(
-            slot, ref.size, ref.stored, flags, site or 0, bytes.fromhex(ref.id)
-        )
-        return slot
-
-    def flush(self) -> bool:
-        """Write the requests sent since the last flush, in one write; False if the child
-        is gone (its slots stay taken: nothing will answer there).  Never blocks: at most
-        ``slots`` small records wait in the pipe."""
-        outbox, self._outbox = self._outbox, bytearray()
         try:
-            self._requests.write(outbox)
+            self._requests.write(
+                REQUEST.pack(slot, ref.size, ref.stored, flags, site or 0, bytes.fromhex(ref.id))
+            )
         except OSError:
-            return False
-        return True
+            self._free.append(slot)
+            raise
+        return slot
 
     async def replies(self) -> AsyncIterator[tuple[int, int, bytes | None, str]]:
         """(slot, status, plain bytes or None, reason) as the child answers; ends when it
