@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 from collections.abc import Callable
 
@@ -75,9 +76,7 @@ class Blocks:
         self._libc = _libc()
         self._addresses: list[int] = []
         if self._libc is not None:
-            malloc = self._libc.malloc
-            malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-            self._addresses = [a for a in (malloc(size) for _ in range(count)) if a]
+            self._addresses = [a for a in (self._libc.malloc(size) for _ in range(count)) if a]
 
     def __len__(self) -> int:
         return len(self._addresses)
@@ -85,18 +84,12 @@ class Blocks:
     def fault_in(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Write to every page of each block (ctypes lets go of the GIL meanwhile) and
         free it; once ``stop()`` says so, free the rest as they are."""
-        assert self._libc is not None or not self._addresses
         while self._addresses:
             address = self._addresses.pop(0)
             if not stop():
                 ctypes.memset(address, 0, self.size)
-            self._free(address)
-
-    def _free(self, address: int) -> None:
-        assert self._libc is not None
-        free = self._libc.free
-        free.restype, free.argtypes = None, [ctypes.c_void_p]
-        free(address)
+            assert self._libc is not None  # (it made the blocks)
+            self._libc.free(address)
 
 
 def to_fault_in(nbytes: int) -> int:
@@ -119,17 +112,19 @@ def available_bytes() -> int | None:
     return None
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library, with the signatures of what is called here; None without one."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
+    except (OSError, AttributeError):  # no C library, or not glibc's functions
         return None
+    return libc
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
     libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return all(mallopt(option, value) for option, value in settings)
+    return libc is not None and all(libc.mallopt(option, value) for option, value in settings)
