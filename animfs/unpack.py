@@ -43,9 +43,10 @@ entry, and a site copy that is not good, go on to its fetch threads, which read
 the sites again with all of it: a bad copy journalled for repair, the next site
 asked.  The child exits when its stdin closes: at unmount, or when the mount dies.
 
-A child takes about a third of a second of CPU to start (the interpreter,
-numpy, zstd, the key ring), which must not come out of the mount's first
-requests: a ``find`` right after mounting took twice as long.  So a mount run
+A child takes about 0.14 s of CPU to start (the interpreter, numpy, zstd, the
+key ring; a third of a second before OpenBLAS was kept to one thread, see
+:mod:`animfs`), which must not come out of the mount's first requests: a
+``find`` right after mounting took twice as long.  So a mount run
 by root starts its children at nice 19, and each takes back the mount's
 priority once started; the cache sends a child nothing until it says
 ``READY`` (a reply record with no slot), and its fetch threads serve

@@ -25,8 +25,8 @@ figure is measured --repeat times, alternating with its baseline; medians are sh
    processes, as for the warm read; empty disk cache: every chunk from the
    sites).  With ``[cache] series_prefetch = 8`` vs ``0`` (off).  Target >= 3x.
    For local folder sites also shown, for information: the same read started as
-   soon as the mount is up, while the unpackers start (they take about a third of
-   a second of CPU each, which a 0.5 s read shares).
+   soon as the mount is up, while the unpackers start (about 0.14 s of CPU each,
+   which a 0.5 s read shares).
    ``series`` uses the local folder sites of ``animfs init``; ``series-s3`` the same
    with both sites on moto S3 servers on 127.0.0.1 (as scripts/bench_sites.py starts
    them; moto runs on the same cores, so this is neither a remote site's latency nor
