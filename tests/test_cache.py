@@ -223,6 +223,18 @@ def bytes_read(pid: int) -> int:
     return int(io["rchar"])
 
 
+def test_an_unpacker_runs_on_one_thread(archive: Archive) -> None:
+    """An unpacker does no BLAS, but the OpenBLAS bundled with numpy would start a thread
+    per core in each one as it imports numpy, and spin it on the cores the mount's first
+    requests need: animfs keeps it to one thread."""
+    with archive.mounted() as m:
+        m.wait_for_unpackers()
+        pids = unpackers(archive)
+        assert pids
+        threads = {pid: os.listdir(f"/proc/{pid}/task") for pid in pids}
+    assert all(len(tasks) == 1 for tasks in threads.values()), threads
+
+
 def test_unpackers_open_cache_hits_and_reads_go_on_when_they_die(
     archive: Archive, sources: Path
 ) -> None:
